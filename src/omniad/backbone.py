@@ -1,0 +1,79 @@
+"""Backbone: a frozen timm feature extractor that takes plain [0, 1] images and applies its own normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from omniad.weights import resolve_weights
+
+
+class Backbone(nn.Module):
+    """Frozen multi-stage feature extractor over timm ``features_only``.
+
+    Args:
+        name: timm model name (e.g. "tf_efficientnet_lite0", "wide_resnet50_2", "mobilenetv2_100").
+        stages: timm feature indices to return (0 = the stride-2 stage of most CNNs).
+        weights: "auto", "timm", "offline", "random" or a file path (see ``omniad.weights.resolve_weights``).
+
+    Attributes:
+        channels: channels of each returned stage.
+        strides: stride (reduction) of each returned stage.
+        weights_source: where the weights came from, for reports.
+    """
+
+    def __init__(self, name: str = "tf_efficientnet_lite0", stages: Sequence[int] = (1, 2, 3), weights: str = "auto"):
+        super().__init__()
+        self.name = name
+        self.stages = tuple(int(s) for s in stages)
+        source, self.weights_source = resolve_weights(name, weights)
+        kwargs = dict(features_only=True, out_indices=self.stages)
+        if isinstance(source, str):  # a timm checkpoint file: let timm apply its own filters
+            self.model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": source}, **kwargs)
+        else:
+            self.model = timm.create_model(name, pretrained=False, **kwargs)
+            if source is not None:
+                _load_features(self.model, source, name)
+        cfg = self.model.pretrained_cfg if hasattr(self.model, "pretrained_cfg") else {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.channels: list[int] = list(self.model.feature_info.channels())
+        self.strides: list[int] = list(self.model.feature_info.reduction())
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Always stays in eval mode: the backbone is frozen (BatchNorm statistics included)."""
+        return super().train(False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0, 1] images -> the backbone's input normalisation."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) images in [0, 1] -> one (B, C_i, H / s_i, W / s_i) map per stage."""
+        return list(self.model(self.normalize(images)))
+
+
+def _load_features(model: nn.Module, state: dict[str, Tensor], name: str) -> None:
+    """Load a full-model (or features-only) state dict into a features-only model; every feature tensor must
+    be present with the right shape (the classifier and head may be missing or extra)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(
+            f"the weights given for {name!r} lack {len(missing)} of its feature tensors (first: {missing[0]}); "
+            "are they for another architecture?"
+        )
+    bad = [k for k in own if state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(
+            f"the weights given for {name!r} do not fit: {bad[0]} is {tuple(state[bad[0]].shape)}, "
+            f"the model needs {tuple(own[bad[0]].shape)}"
+        )
+    model.load_state_dict({k: state[k] for k in own}, strict=True)

@@ -1,0 +1,1 @@
+"""Image readers, the synthetic multi-type generator and evaluation protocols."""

@@ -1,0 +1,69 @@
+"""Turn whatever a user hands to ``fit``/``evaluate`` into plain image datasets, and batch them.
+
+``fit`` must never see labels or categories, so ``as_image_dataset`` strips everything but the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from omniad.types import Sample
+
+
+class ImagesOnly(Dataset):
+    """View of a dataset of ``Sample`` (or of tensors) that yields the (3, H, W) image tensor alone."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Tensor:
+        item = self.data[index]
+        image = item.image if isinstance(item, Sample) else item
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"training item {index} is not a (3, H, W) image tensor: {shape}")
+        return image
+
+
+def as_image_dataset(data: Any) -> Dataset:
+    """A dataset of (3, H, W) tensors from a (N, 3, H, W) tensor, a sequence of tensors or of ``Sample``."""
+    if isinstance(data, ImagesOnly):
+        return data
+    if isinstance(data, Tensor):
+        if data.dim() != 4 or data.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(data.shape)}")
+        return ImagesOnly(list(data.unbind(0)))
+    if isinstance(data, (Dataset, Sequence)):
+        return ImagesOnly(data)
+    raise TypeError(f"cannot read images from a {type(data).__name__}; pass a dataset, a list or a tensor")
+
+
+def split_holdout(images: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Split off a seeded random share ``fraction`` of the images (None when too few to hold any out)."""
+    n = len(images)
+    n_hold = int(round(fraction * n))
+    if fraction <= 0 or n_hold < 1 or n - n_hold < 1:
+        return images, None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(images, sorted(order[n_hold:])), Subset(images, sorted(order[:n_hold]))
+
+
+def iterate_batches(
+    data: Any, batch_size: int, progress: bool = False, desc: str = "", num_workers: int = 0
+) -> Iterator[Tensor]:
+    """Yield (B, 3, H, W) image batches from any image source, with an optional tqdm bar."""
+    dataset = as_image_dataset(data)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=desc, unit="batch", leave=False)
+    yield from loader

@@ -1,0 +1,132 @@
+"""Model bundles: a folder with config.json and weights.safetensors (no pickle), written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+FORMAT = "omniad-detector"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class BundleError(ValueError):
+    """A model bundle is missing, corrupt, foreign or from an incompatible version."""
+
+
+def save_detector(detector: Any, path: str | os.PathLike) -> Path:
+    """Write ``detector`` to the folder ``path``.
+
+    The bundle is written into a temporary sibling folder and swapped in by renames, so a crash mid-save leaves
+    the previous good bundle (or nothing) at ``path``, never a half-written one.
+    """
+    from omniad import __version__
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in detector.state_tensors().items()}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "omniad_version": __version__,
+        "method": detector.name,
+        "params": detector.get_params(),
+        "meta": _finite_or_none(detector.fitted_meta()),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        with open(staging / CONFIG_FILE, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    if target.exists() and not (target / CONFIG_FILE).exists() and any(target.iterdir()):
+        raise BundleError(f"{target} exists and is not an omniad model folder; refusing to overwrite it")
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(retired)
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's config.json, checked for format and version."""
+    folder = Path(path)
+    config_path = folder / CONFIG_FILE
+    if not folder.exists():
+        raise BundleError(f"no model at {folder}: the folder does not exist")
+    if not config_path.is_file():
+        raise BundleError(f"{folder} is not an omniad model: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{config_path} is corrupt: {err}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BundleError(f"{config_path} is not an omniad model config (format {config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{folder} has bundle format {config.get('format_version')}; this omniad reads {FORMAT_VERSION}"
+        )
+    return config
+
+
+def load_detector(path: str | os.PathLike, device: str | None = None):
+    """Load a detector saved with ``Detector.save``; ``device`` overrides the saved device choice."""
+    from omniad.registry import detector_class
+
+    folder = Path(path)
+    config = read_config(folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"{folder} is incomplete: {WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises several types for corrupt headers
+        raise BundleError(f"{weights_path} is corrupt: {err}") from None
+    params = dict(config["params"])
+    if device is not None:
+        params["device"] = device
+    params["progress"] = params.get("progress", True)
+    detector = detector_class(config["method"])(**_tuples(params))
+    meta = config.get("meta") or {}
+    try:
+        detector.load_state(meta, tensors)
+    except (RuntimeError, KeyError) as err:
+        raise BundleError(f"{folder}: weights do not match the model described in its config: {err}") from None
+    threshold = meta.get("threshold")
+    detector.threshold_ = float("nan") if threshold is None else float(threshold)
+    return detector
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: store non-finite floats as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _tuples(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}

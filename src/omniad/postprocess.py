@@ -1,0 +1,70 @@
+"""Tensor helpers shared by the detectors: map resizing, Gaussian smoothing and image-score pooling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize (B, h, w) or (B, 1, h, w) maps to (B, H, W)."""
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps[:, 0]
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
+    """Normalised 1-D Gaussian with radius ``truncate * sigma`` (scipy's default truncation)."""
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
+    """Separable Gaussian blur of (B, H, W) maps with reflected borders; ``sigma <= 0`` returns the input."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
+    radius = kernel.numel() // 2
+    x = maps.unsqueeze(1)
+    # reflect padding needs pad < size; fall back to replicate for tiny maps
+    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
+    x = F.pad(x, (radius, radius, 0, 0), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, radius, radius), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def top_fraction_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
+    """Image score = mean of the top ``fraction`` of each map's values (at least one value)."""
+    flat = maps.flatten(1)
+    k = max(1, int(math.ceil(fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def max_pooled(maps: Tensor, kernel: int = 16) -> Tensor:
+    """Image score = max of the map after ``kernel`` x ``kernel`` average pooling (stride 1), as UniAD does."""
+    k = min(kernel, maps.shape[-2], maps.shape[-1])
+    pooled = F.avg_pool2d(maps.unsqueeze(1), k, stride=1)
+    return pooled.flatten(1).max(dim=1).values
+
+
+def image_score(maps: Tensor, pooling: str = "top1", fraction: float = 0.01, kernel: int = 16) -> Tensor:
+    """Pool (B, H, W) maps to (B,) image scores. ``pooling``: "top1" (protocol default), "max", "maxpool"."""
+    if pooling == "top1":
+        return top_fraction_mean(maps, fraction)
+    if pooling == "max":
+        return maps.flatten(1).max(dim=1).values
+    if pooling == "maxpool":
+        return max_pooled(maps, kernel)
+    raise ValueError(f"unknown image-score pooling {pooling!r}; use 'top1', 'max' or 'maxpool'")
+
+
+__all__ = ["upsample", "gaussian_blur", "gaussian_kernel1d", "top_fraction_mean", "max_pooled", "image_score"]

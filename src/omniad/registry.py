@@ -1,0 +1,45 @@
+"""A timm-style registry: ``@register_detector("name")``, ``create_detector``, ``list_detectors``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+_REGISTRY: dict[str, type] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_detector(name: str) -> Callable[[T], T]:
+    """Class decorator that makes a detector creatable by ``name``."""
+
+    def decorate(cls: T) -> T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"detector name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _ensure_builtin_methods() -> None:
+    import omniad.methods  # noqa: F401  (registers the built-in detectors)
+
+
+def list_detectors() -> list[str]:
+    """Names of every registered detector, sorted."""
+    _ensure_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def detector_class(name: str) -> type:
+    """The class registered under ``name``; the error lists the known names."""
+    _ensure_builtin_methods()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_detector(name: str, **params: Any):
+    """Create an unfitted detector by registered name with the given hyper-parameters."""
+    return detector_class(name)(**params)
