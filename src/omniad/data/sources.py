@@ -67,3 +67,31 @@ def iterate_batches(
 
         loader = tqdm(loader, desc=desc, unit="batch", leave=False)
     yield from loader
+
+
+class SampleBatch:
+    """A batch of ``Sample``: stacked tensors plus per-sample metadata lists (for evaluation code only)."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.images = torch.stack([s.image for s in samples])
+        self.masks = torch.stack([s.mask for s in samples])
+        self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        self.has_mask = torch.tensor([s.has_mask for s in samples], dtype=torch.bool)
+        self.categories = [s.category for s in samples]
+        self.defect_types = [s.defect_type for s in samples]
+        self.paths = [s.path for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def iterate_samples(
+    dataset: Any, batch_size: int, progress: bool = False, desc: str = "", num_workers: int = 0
+) -> Iterator[SampleBatch]:
+    """Yield ``SampleBatch`` objects from a dataset of ``Sample``, with an optional tqdm bar."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=SampleBatch)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=desc, unit="batch", leave=False)
+    yield from loader
