@@ -194,6 +194,7 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import math
 
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -220,8 +221,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if args.overlays:
                 maps_for_overlay.append((path, image, amap))
     if maps_for_overlay:
-        values = torch.stack([m for _, _, m in maps_for_overlay])
-        vmin, vmax = float(values.quantile(0.01)) if values.numel() < 2**24 else float(values.min()), float(values.max())
+        values = torch.stack([m for _, _, m in maps_for_overlay]).flatten().numpy()
+        vmin, vmax = (float(v) for v in np.percentile(values, [1, 100]))  # one colour scale for the whole run
         if math.isfinite(threshold):
             vmin = min(vmin, threshold)
         for path, image, amap in maps_for_overlay:

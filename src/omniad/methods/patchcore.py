@@ -55,10 +55,12 @@ def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, s
     selected = torch.empty(n_select, dtype=torch.long)
     current = int(torch.randint(n, (1,), generator=generator))
     min_d2 = torch.full((n,), float("inf"), device=projected.device)
+    d2 = torch.empty_like(min_d2)
     for i in range(n_select):
         selected[i] = current
-        center = projected[current]
-        d2 = sq_norms - 2 * (projected @ center) + sq_norms[current]
+        # |x - c|^2 - |c|^2 = |x|^2 - 2 x.c in one fused pass over the data (memory-bound on a CPU)
+        torch.addmv(sq_norms, projected, projected[current], alpha=-2, out=d2)
+        d2 += sq_norms[current]
         torch.minimum(min_d2, d2, out=min_d2)
         current = int(min_d2.argmax())
     return selected
@@ -95,6 +97,8 @@ class PatchCore(BaseDetector):
         patch_size: neighbourhood of the local average aggregation.
         coreset_ratio: share of all training patches kept in the memory bank (paper: 0.01-0.25; 0.1 here).
         max_bank_size: optional cap on the bank size (a CPU-friendly setting; None = no cap).
+        coreset_candidates: optional cap on the patches the greedy search runs over, drawn at random first
+            (a CPU-friendly setting: each greedy step is one pass over the candidates; None = all patches).
         projection_dim: dimension of the random projection the greedy coreset search runs on.
         sigma: Gaussian smoothing of the up-sampled map (protocol: 4).
         image_pooling: "max" (paper), "top1" (protocol) or "maxpool".
@@ -108,6 +112,7 @@ class PatchCore(BaseDetector):
         patch_size: int = 3,
         coreset_ratio: float = 0.1,
         max_bank_size: int | None = None,
+        coreset_candidates: int | None = None,
         projection_dim: int = 128,
         sigma: float = 4.0,
         image_pooling: str = "max",
@@ -118,6 +123,7 @@ class PatchCore(BaseDetector):
         self.patch_size = patch_size
         self.coreset_ratio = coreset_ratio
         self.max_bank_size = max_bank_size
+        self.coreset_candidates = coreset_candidates
         self.projection_dim = projection_dim
         self.sigma = sigma
         self.image_pooling = image_pooling
@@ -138,6 +144,10 @@ class PatchCore(BaseDetector):
         n_select = max(1, int(round(self.coreset_ratio * patches.shape[0])))
         if self.max_bank_size:
             n_select = min(n_select, self.max_bank_size)
+        if self.coreset_candidates and self.coreset_candidates < patches.shape[0]:
+            keep = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(self.seed))
+            patches = patches[keep[: self.coreset_candidates]]
+        n_select = min(n_select, patches.shape[0])
         index = greedy_coreset(patches.to(self.device_), n_select, self.projection_dim, self.seed)
         self.net_ = PatchCoreNet(self.backbone_, n_select, patches.shape[1], self.patch_size).to(self.device_)
         self.net_.memory_bank.copy_(patches[index.cpu()].to(self.device_))
