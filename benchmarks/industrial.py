@@ -34,7 +34,7 @@ CPU_SETTINGS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="MVTec-style root (default: ../shared/data/industrial)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="MVTec-style root")
     parser.add_argument("--method", action="append", help="detector(s) to run (default: patchcore and padim)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="method parameter (YAML value), applied to every --method; repeatable")
