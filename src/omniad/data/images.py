@@ -1,8 +1,8 @@
 """Read images and masks from disk into [0, 1] tensors, and resize them under the pinned protocol.
 
-Every file problem becomes an ``ImageReadError`` that names the file and what is wrong with it. Truncated files
-are errors: Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off, and PNGs, which Pillow decodes without looking at
-their end, are checked for a complete ``IEND`` chunk and valid chunk CRCs.
+Every file problem becomes an ``ImageReadError`` that names the file and what is wrong with it. Truncated
+files are errors: Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off, and PNGs, which Pillow decodes without
+looking at their end, are checked for a complete ``IEND`` chunk and valid chunk CRCs.
 
 Pixel values are scaled by the range of their storage type, never by the image's own min/max, so that
 intensities stay comparable between images: 8-bit / 255, 16-bit / 65535. EXIF orientation is deliberately NOT
@@ -50,7 +50,9 @@ def _open(path: str | os.PathLike) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as err:
-        raise ImageReadError(f"{path}: not an image Pillow can identify (wrong format or corrupt header)") from err
+        raise ImageReadError(
+            f"{path}: not an image Pillow can identify (wrong format or corrupt header)"
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot open image ({err})") from err
     try:
@@ -118,7 +120,8 @@ def read_image(path: str | os.PathLike) -> Tensor:
     CMYK and other colour modes are converted to RGB. Multi-frame files yield their first frame.
 
     Raises:
-        ImageReadError: the file is missing, empty, not an image, truncated or corrupt, or has an unsupported mode.
+        ImageReadError: the file is missing, empty, not an image, truncated or corrupt, or of an
+            unsupported mode.
     """
     path = Path(path)
     array = _to_unit_array(_open(path), path)
@@ -155,7 +158,7 @@ def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def resize_image(image: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Resize a (3, H, W) or (B, 3, H, W) image to ``size`` (an int for square, or (H, W)), bilinear, antialiased."""
+    """Resize a (3, H, W) or (B, 3, H, W) image to ``size`` (int: square), bilinear, antialiased."""
     height, width = _size_hw(size)
     if tuple(image.shape[-2:]) == (height, width):
         return image

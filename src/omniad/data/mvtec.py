@@ -7,7 +7,8 @@ Layout of each root (MVTec AD, MPDD, VisA after its 1cls split, BTAD, and omniad
     <root>/<category>/test/<defect type>/*.png      defective test images
     <root>/<category>/ground_truth/<defect type>/<stem>_mask.png   (or <stem>.png, .bmp, .tif: BTAD, VisA)
 
-A category without ``ground_truth/`` is image-level only: its samples have ``has_mask=False`` and all-zero masks.
+A category without ``ground_truth/`` is image-level only: its samples have ``has_mask=False`` and all-zero
+masks.
 The folder structure is checked when the dataset is built (so a missing mask fails before hours of training);
 pixels are read lazily in ``__getitem__``.
 """
@@ -138,7 +139,7 @@ def _test_records(folder: Path, category: str, has_mask: bool) -> list[SampleRec
             records.append(SampleRecord(image, mask, 1, category, kind.name, has_mask))
     if missing:
         raise FileNotFoundError(
-            f"category {category!r} has ground_truth/ but {len(missing)} defective test image(s) have no mask "
+            f"category {category!r} has ground_truth/ but {len(missing)} defective test image(s) lack a mask "
             f"(looked for ground_truth/<type>/<stem>_mask.png or <stem>.png/.bmp/.tif): {_listing(missing)}"
         )
     if not records:
@@ -163,7 +164,8 @@ class MVTecDataset(Dataset):
 
     Raises:
         FileNotFoundError: a missing root, category folder, train/good or test folder, or missing masks.
-        ValueError: a root without categories, an unknown category, a category under two roots, an empty folder.
+        ValueError: a root without categories, an unknown category, a category under two roots, an empty
+            folder.
     """
 
     def __init__(
@@ -229,8 +231,8 @@ class MVTecDataset(Dataset):
             mask = read_mask(record.mask_path)
             if tuple(mask.shape) != (height, width):
                 raise ValueError(
-                    f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {record.path} is "
-                    f"{width}x{height} (width x height)"
+                    f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} (width x height) but its "
+                    f"image {record.path} is {width}x{height}"
                 )
         else:
             mask = torch.zeros(height, width)

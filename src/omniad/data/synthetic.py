@@ -1,19 +1,20 @@
 """A small synthetic multi-type defect dataset in the MVTec layout, deterministic from a seed.
 
-Four product types, each with its own look, colour and noise level, so that the normal score distributions of a
-detector differ between types (what score alignment has to fix):
+Four product types, each with its own look, colour and noise level, so that the normal score distributions of
+a detector differ between types (what score alignment has to fix):
 
 - ``weave``: a woven texture (periodic, tan), rotated and shifted slightly per image, low noise.
-- ``granite``: a stochastic speckled stone texture (grey/pink value noise), a new realisation per image, high noise.
+- ``granite``: a speckled stone texture (grey/pink value noise), a new realisation per image, high noise.
 - ``washer``: a shaded metal ring on a dark background, jittered in position, radius and light direction.
 - ``bracket``: a copper L-shaped plate with two holes on a light background, jittered in position and angle.
 
 Every image also gets a random gain and lighting gradient. Defect types (the ``test/<type>`` folder names):
-``scratch`` (a thin bright or dark line), ``spot`` (a small dark disc), ``hole`` (a disc showing what is behind
-the part), ``stain`` (a faint irregular tinted blob). On objects, defects lie on the part.
+``scratch`` (a thin bright or dark line), ``spot`` (a small dark disc), ``hole`` (a disc showing what is
+behind the part), ``stain`` (a faint irregular tinted blob). On objects, defects lie on the part.
 
-Each defective image is its normal render with an overlay painted on top; the mask is exactly the set of pixels
-whose 8-bit value differs from the normal render (``render_sample`` returns both, so tests can check this).
+Each defective image is its normal render with an overlay painted on top; the mask is exactly the set of
+pixels whose 8-bit value differs from the normal render (``render_sample`` returns both, so tests can check
+this).
 Every image is drawn from its own random stream keyed on (seed, type, split, index): the same seed gives
 byte-identical files, and choosing a subset of types does not change the images of the others.
 """
@@ -78,8 +79,8 @@ def _lighting(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.ndar
     return gain * (1.0 + rng.uniform(-0.06, 0.06) * x + rng.uniform(-0.06, 0.06) * y)
 
 
-# Each renderer returns (rgb (H, W, 3) in [0, 1] before noise, support (H, W) bool where defects may be centred,
-# part (H, W) bool where defect pixels may land, hole colour (3,)).
+# Each renderer returns (rgb (H, W, 3) in [0, 1] before noise, support (H, W) bool where defects may be
+# centred, part (H, W) bool where defect pixels may land, hole colour (3,)).
 Rendered = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -150,7 +151,12 @@ _RENDERERS: dict[str, Callable[[np.random.Generator, int], Rendered]] = {
 
 
 def _defect_overlay(
-    rng: np.random.Generator, kind: str, size: int, base: np.ndarray, support: np.ndarray, part: np.ndarray,
+    rng: np.random.Generator,
+    kind: str,
+    size: int,
+    base: np.ndarray,
+    support: np.ndarray,
+    part: np.ndarray,
     hole_colour: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(region bool, opacity, colour (H, W, 3)) of one defect of ``kind``, centred on a support pixel."""
@@ -179,7 +185,9 @@ def _defect_overlay(
         theta, radius = np.arctan2(y - cy, x - cx), np.hypot(y - cy, x - cx)
         r0 = rng.uniform(0.08, 0.14)
         k1, k2 = rng.integers(2, 5), rng.integers(5, 8)
-        edge = r0 * (1 + 0.22 * np.sin(k1 * theta + rng.uniform(0, 7)) + 0.1 * np.sin(k2 * theta + rng.uniform(0, 7)))
+        edge = r0 * (
+            1 + 0.22 * np.sin(k1 * theta + rng.uniform(0, 7)) + 0.1 * np.sin(k2 * theta + rng.uniform(0, 7))
+        )
         region = radius <= edge
         colour = np.array([0.45, 0.33, 0.12]) * rng.uniform(0.8, 1.1)
         opacity = rng.uniform(0.3, 0.45)
@@ -205,9 +213,9 @@ def render_sample(
         seed: dataset seed.
 
     Returns:
-        (normal, image, mask, defect_type): (H, W, 3) uint8 normal render; the image itself (equal to ``normal``
-        unless kind is "defect"); the (H, W) bool mask of the pixels where ``image`` differs from ``normal``;
-        "good" or the defect type.
+        (normal, image, mask, defect_type): the (H, W, 3) uint8 normal render; the image itself (equal to
+        ``normal`` unless kind is "defect"); the (H, W) bool mask of the pixels where ``image`` differs from
+        ``normal``; "good" or the defect type.
     """
     if category not in _RENDERERS:
         raise ValueError(f"unknown synthetic category {category!r}; known: {SYNTHETIC_CATEGORIES}")
@@ -224,7 +232,9 @@ def render_sample(
 
     defect_type = DEFECT_TYPES[index % len(DEFECT_TYPES)]
     defect_rng = np.random.default_rng(key + [1])
-    region, opacity, colour = _defect_overlay(defect_rng, defect_type, image_size, rgb, support, part, hole_colour)
+    region, opacity, colour = _defect_overlay(
+        defect_rng, defect_type, image_size, rgb, support, part, hole_colour
+    )
     # The defect carries the same sensor noise as the part, so it cannot be found by its smoothness alone.
     paint = colour + defect_rng.normal(0.0, noise, rgb.shape)
     alpha = (region * opacity)[..., None]
@@ -250,8 +260,9 @@ def make_synthetic_dataset(
     """Write the synthetic set under ``root`` in the MVTec layout and return ``root``.
 
     Defaults (the ``omniad demo`` set): 4 types x (40 train + 10 good test + 12 defective test, 3 per defect
-    type) at 128 px, about 250 PNGs (~1-2 s). Files are ``<cat>/train/good/000.png``, ``<cat>/test/<type>/000.png``
-    and ``<cat>/ground_truth/<type>/000_mask.png`` (0/255), plus ``synthetic.json`` with the parameters.
+    type) at 128 px: 248 PNGs, ~9 MB, a few seconds. Files are ``<cat>/train/good/000.png``,
+    ``<cat>/test/<type>/000.png`` and ``<cat>/ground_truth/<type>/000_mask.png`` (0/255),
+    plus ``synthetic.json`` with the parameters.
 
     When ``root`` already holds a synthetic set made with the same parameters, nothing is written.
 
@@ -280,8 +291,13 @@ def make_synthetic_dataset(
 
     root = Path(root)
     params = {
-        "format_version": _FORMAT_VERSION, "categories": chosen, "n_train": n_train, "n_test_good": n_test_good,
-        "n_test_defect": n_test_defect, "image_size": image_size, "seed": seed,
+        "format_version": _FORMAT_VERSION,
+        "categories": chosen,
+        "n_train": n_train,
+        "n_test_good": n_test_good,
+        "n_test_defect": n_test_defect,
+        "image_size": image_size,
+        "seed": seed,
     }
     manifest = root / "synthetic.json"
     if manifest.is_file() and all((root / c).is_dir() for c in chosen):
@@ -306,9 +322,15 @@ def make_synthetic_dataset(
         (folder / "test" / "good").mkdir(parents=True)
         (folder / "ground_truth").mkdir()  # pixel ground truth exists even with no defective images
         for i in range(n_train):
-            _save_png(render_sample(category, "train", i, image_size, seed)[1], folder / "train" / "good" / f"{i:03d}.png")
+            _save_png(
+                render_sample(category, "train", i, image_size, seed)[1],
+                folder / "train" / "good" / f"{i:03d}.png",
+            )
         for i in range(n_test_good):
-            _save_png(render_sample(category, "good", i, image_size, seed)[1], folder / "test" / "good" / f"{i:03d}.png")
+            _save_png(
+                render_sample(category, "good", i, image_size, seed)[1],
+                folder / "test" / "good" / f"{i:03d}.png",
+            )
         numbers: dict[str, int] = {}
         for i in range(n_test_defect):
             _, image, mask, defect_type = render_sample(category, "defect", i, image_size, seed)
@@ -316,6 +338,8 @@ def make_synthetic_dataset(
             for sub in ("test", "ground_truth"):
                 (folder / sub / defect_type).mkdir(parents=True, exist_ok=True)
             _save_png(image, folder / "test" / defect_type / f"{number:03d}.png")
-            _save_png(mask.astype(np.uint8) * 255, folder / "ground_truth" / defect_type / f"{number:03d}_mask.png")
+            _save_png(
+                mask.astype(np.uint8) * 255, folder / "ground_truth" / defect_type / f"{number:03d}_mask.png"
+            )
     manifest.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
     return root
