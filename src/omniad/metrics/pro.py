@@ -49,7 +49,7 @@ def _as_stack(values: Any, name: str) -> np.ndarray:
 
 
 class _PixelSplit:
-    """Defect pixels sorted by score with their cumulative region weights; normal pixels sorted by score."""
+    """Defect pixels with their region weights (1 / region size), and normal pixels sorted by score."""
 
     def __init__(self, masks: Any, maps: Any) -> None:
         masks = _as_stack(masks, "masks")
@@ -60,20 +60,19 @@ class _PixelSplit:
             masks = masks > 0.5
         if not np.issubdtype(maps.dtype, np.floating):
             maps = maps.astype(np.float64)
-        if not np.isfinite(maps).all():
-            raise ValueError("anomaly maps contain NaN or infinite values")
         labeled, self.n_regions = ndimage.label(masks, structure=_STRUCTURE)
-        sizes = np.bincount(labeled.ravel())
         region_of_pixel = labeled[masks]
         del labeled
-        positives = maps[masks]
-        order = np.argsort(positives, kind="stable")
-        self.positives = positives[order]
-        weights = 1.0 / sizes[region_of_pixel[order]]
-        self.cum_weights = np.concatenate(([0.0], np.cumsum(weights)))
-        del order, region_of_pixel, weights
+        self.weights = 1.0 / np.bincount(region_of_pixel)[region_of_pixel]  # 1 / size of the pixel's region
+        del region_of_pixel
+        self.defect_scores = maps[masks]
+        self.positives = np.sort(self.defect_scores)
         self.negatives = maps[~masks]
         self.negatives.sort()
+        # NaN sorts last and infinities sit at the ends: checking the ends checks every value in no extra pass
+        ends = [a[i] for a in (self.positives, self.negatives) if a.size for i in (0, -1)]
+        if not np.isfinite(ends).all():
+            raise ValueError("anomaly maps contain NaN or infinite values")
 
     @property
     def split(self) -> SplitScores:
@@ -82,30 +81,42 @@ class _PixelSplit:
     def aupro(self, fpr_limit: float) -> float:
         if not 0.0 < fpr_limit <= 1.0:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-        neg, pos = self.negatives, self.positives
+        neg = self.negatives
         n_neg = neg.size
         if n_neg == 0 or self.n_regions == 0:
             return float("nan")
         # Normal scores u with FPR(>u) < fpr_limit all lie in the top ceil(limit * n) + 1 sorted negatives.
         start = max(0, n_neg - int(np.ceil(fpr_limit * n_neg)) - 1)
         tail = neg[start:]
-        distinct = np.empty(tail.size, dtype=bool)
-        distinct[0] = True
-        np.not_equal(tail[1:], tail[:-1], out=distinct[1:])
-        values = tail[distinct]
-        del distinct
-        fpr_hi = (n_neg - np.searchsorted(neg, values, side="right")) / n_neg  # FPR(> u): segment start
-        fpr_lo = (n_neg - np.searchsorted(neg, values, side="left")) / n_neg  # FPR(>= u): its end
-        total = self.cum_weights[-1]
-        pro_start = (total - self.cum_weights[np.searchsorted(pos, values, side="right")]) / self.n_regions
-        pro_end = (total - self.cum_weights[np.searchsorted(pos, values, side="left")]) / self.n_regions
-        keep = fpr_hi < fpr_limit
-        f0, f1, p0, p1 = fpr_hi[keep], fpr_lo[keep], pro_start[keep], pro_end[keep]
-        # The segment crossing the limit is cut there, PRO interpolated linearly (as MVTec's trapezoid_area).
-        x_end = np.minimum(f1, fpr_limit)
-        y_end = p0 + (p1 - p0) * (x_end - f0) / (f1 - f0)
-        area = np.sum((x_end - f0) * (p0 + y_end) / 2.0)
-        return float(area / fpr_limit)
+        run_starts = np.flatnonzero(tail[1:] != tail[:-1]) + 1  # where each distinct value u begins
+        first = np.concatenate(([0], run_starts)) + start
+        first[0] = np.searchsorted(neg, tail[0], side="left")  # the lowest value may begin before ``start``
+        stop = np.concatenate((run_starts + start, [n_neg]))
+        values = neg[first]
+        del run_starts
+        # PRO(> u) and PRO(>= u), times n_regions: weight of the defect pixels above each u, by their place
+        m = values.size
+        below = np.searchsorted(values, self.defect_scores, side="left")  # s > u_j  <=>  j < below
+        upto = np.searchsorted(values, self.defect_scores, side="right")  # s >= u_j <=>  j < upto
+        cum_below = np.cumsum(np.bincount(below, self.weights, minlength=m + 1))
+        cum_upto = np.cumsum(np.bincount(upto, self.weights, minlength=m + 1))
+        del below, upto
+        # u's segment runs from FPR(> u) = (n - stop) / n to FPR(>= u) = (n - first) / n. Whole segments
+        # (FPR(>= u) within the limit) add count / n * (PRO(> u) + PRO(>= u)) / 2; the one crossing the limit
+        # is cut there, PRO interpolated linearly (as MVTec's trapezoid_area).
+        limit_count = fpr_limit * n_neg
+        whole = np.searchsorted(first, n_neg - limit_count, side="left")  # first index with FPR(>=u) <= limit
+        counts = (stop[whole:] - first[whole:]).astype(np.float64)
+        heights = (cum_below[-1] - cum_below[whole:m]) + (cum_upto[-1] - cum_upto[whole:m])
+        area = float(np.dot(counts, heights)) / 2.0
+        j = whole - 1
+        if j >= 0 and n_neg - stop[j] < limit_count:  # the crossing segment
+            width = limit_count - (n_neg - stop[j])
+            p0 = cum_below[-1] - cum_below[j]
+            p1 = cum_upto[-1] - cum_upto[j]
+            y_end = p0 + (p1 - p0) * width / (stop[j] - first[j])
+            area += width * (p0 + y_end) / 2.0
+        return float(area / (n_neg * self.n_regions * fpr_limit))
 
 
 def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
