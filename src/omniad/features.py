@@ -48,3 +48,26 @@ def extract_features(
     if not chunks:
         raise ValueError("no images to extract features from")
     return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+def fuse_stages(features: Sequence[Tensor], size: tuple[int, int] | None = None, mode: str = "bilinear") -> Tensor:
+    """Resize every stage map to one grid (default: the first stage's) and concatenate along channels.
+
+    Args:
+        features: (B, C_i, h_i, w_i) stage maps.
+        size: target (h, w); defaults to the first map's size.
+        mode: interpolation mode ("bilinear" up-samples coarse stages, "area" pools fine ones).
+
+    Returns:
+        (B, sum C_i, h, w).
+    """
+    import torch.nn.functional as F
+
+    size = tuple(features[0].shape[-2:]) if size is None else tuple(size)
+    resized = []
+    for f in features:
+        if tuple(f.shape[-2:]) != size:
+            kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+            f = F.interpolate(f, size=size, mode=mode, **kwargs)
+        resized.append(f)
+    return torch.cat(resized, dim=1)
