@@ -24,6 +24,9 @@ COMMON = dict(weights=WEIGHTS, image_size=IMAGE_SIZE, batch_size=8, device="cpu"
 TINY: dict[str, dict] = {
     "patchcore": {},
     "padim": {},
+    "uniad": dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, dim_feedforward=64,
+                  feature_stride=16, neighbor_size=3, epochs=30, train_batch_size=8, lr=1e-2,
+                  output_bias_init="mean"),
 }
 # Which detectors may score this tiny set near chance with random features (asserted only with real weights).
 MIN_AUROC = 0.7 if WEIGHTS == "offline" else 0.5

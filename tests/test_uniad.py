@@ -16,15 +16,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core machine one thread avoids most of the scheduling overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net(**kw) -> UniADNet:
     args = dict(in_channels=12, grid=(4, 5), hidden_dim=16, num_encoder_layers=1, num_decoder_layers=2,
                 num_heads=2, dim_feedforward=32, neighbor_size=3)
