@@ -304,8 +304,12 @@ class UniAD(BaseDetector):
                 bar.set_postfix(loss=f"{mean_loss:.4g}")
             net.eval()
             if epoch_callback is not None:
-                with torch.no_grad():
-                    epoch_callback(epoch, mean_loss)
+                self.fitted_ = True  # the callback may score with the model as it stands
+                try:
+                    with torch.no_grad():
+                        epoch_callback(epoch, mean_loss)
+                finally:
+                    self.fitted_ = False
         net.eval()
 
     # ----------------------------------------------------------------- scoring
