@@ -172,3 +172,16 @@ def test_fit_equals_extract_plus_fit_features_and_save_load_keeps_scores(tmp_pat
 
     with pytest.raises(ValueError, match="built for"):
         detector.score(_images(1, size=96))
+
+
+def test_cli_reads_uniad_options():
+    from omniad.cli import build_parser, method_params
+
+    parser, names = build_parser("fit", "uniad")
+    args = parser.parse_args(["fit", "--method", "uniad", "--data", "x", "--out", "m", "--preset", "cpu",
+                              "--neighbor-mask", "false", "true", "true", "--hidden-dim", "48"])
+    params = method_params(args, names)
+    assert params["neighbor_mask"] == (False, True, True)
+    assert params["hidden_dim"] == 48 and params["preset"] == "cpu"
+    fit_help = parser._subparsers._group_actions[0].choices["fit"].format_help()  # "%" in a docstring is fine
+    assert "top 1%)" in " ".join(fit_help.split())

@@ -37,11 +37,12 @@ def add_method_options(parser: argparse.ArgumentParser, method: str) -> list[str
     helps, defaults = cls.param_help(), cls.param_defaults()
     for name, default in defaults.items():
         flag = "--" + name.replace("_", "-")
-        text = f"{helps.get(name, '')} (default: {default!r})"
+        text = f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%")  # argparse formats help
         if isinstance(default, bool):
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, (tuple, list)):
             kind = type(default[0]) if default else str
+            kind = _parse_value if kind is bool else kind  # bool("False") is True
             group.add_argument(flag, dest=name, nargs="+", type=kind, default=None, help=text)
         elif isinstance(default, (int, float, str)):
             group.add_argument(flag, dest=name, type=type(default), default=None, help=text)
