@@ -146,7 +146,7 @@ def run_uniad(name: str, params: dict[str, Any], cache: dict[str, Any], idx: dic
     detector.fit_features(cache["train"][idx["train"]], cache["train"][idx["holdout"]],
                           epoch_callback=follow if curve else None)
     train_seconds = time.perf_counter() - started - spent[0]
-    return finish(name, detector, cache, train_seconds, points)
+    return finish(name, detector, cache, train_seconds, points), detector
 
 
 def finish(name: str, detector: Any, cache: dict[str, Any], train_seconds: float,
@@ -218,13 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features: train {tuple(cache['train'].shape)}, test {tuple(cache['test'].shape)}, "
           f"{cache['extract_seconds']:.0f} s", flush=True)
 
-    results = [run_uniad(name, {**base, **CONFIGS[name]}, cache, idx, args, curve=name in CURVES)
-               for name in args.configs]
-    for result in results[:1]:  # the same model under the protocol's post-processing (sigma 4, top 1%)
-        detector = create_detector("uniad", **{**base, **CONFIGS[result["name"]], "sigma": 4.0,
-                                               "image_pooling": "top1"})
-        detector.fit_features(cache["train"][idx["train"]], cache["train"][idx["holdout"]])
-        results.append(finish(result["name"] + " (protocol scoring)", detector, cache, result["train_seconds"], []))
+    results, first = [], None
+    for name in args.configs:
+        result, detector = run_uniad(name, {**base, **CONFIGS[name]}, cache, idx, args, curve=name in CURVES)
+        results.append(result)
+        first = first or (result, detector)
+    if first is not None:  # the same model under the protocol's post-processing (sigma 4, top 1%)
+        result, detector = first
+        detector.sigma, detector.image_pooling = 4.0, "top1"
+        detector.calibrate_features(cache["train"][idx["holdout"]])
+        results.insert(1, finish(result["name"] + " (protocol scoring)", detector, cache, result["train_seconds"],
+                                 []))
 
     patchcore = None
     if not args.no_patchcore:
