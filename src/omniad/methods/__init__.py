@@ -1,5 +1,7 @@
 """Built-in detectors; importing this package registers them."""
 
 from omniad.methods.base import BaseDetector, NotFittedError
+from omniad.methods.recontrast import Recontrast
+from omniad.methods.revdist import RevDist
 
-__all__ = ["BaseDetector", "NotFittedError"]
+__all__ = ["BaseDetector", "NotFittedError", "RevDist", "Recontrast"]
