@@ -20,10 +20,11 @@ from omniad.types import AnomalyScores
 
 # paper: the Dinomaly authors' multi-class ReContrast setting with RD's WideResNet-50 depths, whole encoder
 #        trainable.
-# cpu:   measured on a 2-core shared CPU with tf_efficientnet_lite0 at 256 px: the trainable encoder's forward +
-#        backward dominates (~5-10 s per batch of 8 under load, vs ~1 s for the small decoder), so the preset keeps
-#        the stem and first returned stage shared with the frozen encoder (no backward through the 64x64 maps),
-#        one residual block per stage, batch 8 and 200 iterations. What it costs is in benchmarks/results/rdrc.md.
+# cpu:   measured on a 2-core shared CPU with tf_efficientnet_lite0 at 256 px: the trainable encoder's
+#        forward + backward dominates (~5-10 s per batch of 8 under load, vs ~1 s for the small decoder), so
+#        the preset keeps the stem and first returned stage shared with the frozen encoder (no backward
+#        through the 64x64 maps), one residual block per stage, batch 8 and 200 iterations. What it costs is
+#        in benchmarks/results/rdrc.md.
 RECONTRAST_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "iterations": 5000,
@@ -43,8 +44,8 @@ RECONTRAST_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def freeze_leading_stages(encoder: Backbone, stages: int) -> None:
-    """Stop gradients to the stem and the layers up to and including the encoder's ``stages``-th returned stage
-    (timm's feature module order), so those layers stay identical to the frozen encoder's."""
+    """Stop gradients to the stem and the layers up to and including the encoder's ``stages``-th returned
+    stage (timm's feature module order), so those layers stay identical to the frozen encoder's."""
     if stages <= 0:
         return
     modules = encoder.model.feature_info.module_name()
@@ -60,7 +61,7 @@ def freeze_leading_stages(encoder: Backbone, stages: int) -> None:
 
 
 class _WithImages(nn.Module):
-    """Backbone wrapper whose output starts with the input images, to cache images and features in one pass."""
+    """Backbone wrapper whose output starts with the input images: caches images and maps in one pass."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -72,21 +73,21 @@ class _WithImages(nn.Module):
 
 @register_detector("recontrast")
 class Recontrast(RevDist):
-    """ReContrast: domain-specific anomaly detection via contrastive reconstruction (Guo et al., NeurIPS 2023).
+    """ReContrast: anomaly detection via contrastive reconstruction (Guo et al., NeurIPS 2023).
 
     Reverse Distillation with two encoders: a frozen pretrained one and a trainable copy (small learning rate,
     BatchNorm kept in eval mode). One bottleneck and decoder read both; the decoder run from the trainable
-    encoder's maps must rebuild the frozen encoder's maps and vice versa. The loss is the global cosine distance
-    between each flattened encoder map and its reconstruction, with hard mining: points reconstructed better than
-    mean + alpha x std have their gradient scaled by ``hm_factor``, alpha ramping from ``hm_alpha_start`` to
-    ``hm_alpha_end`` over the first ``hm_warmup`` share of the iterations. The anomaly map is the sum of the
-    per-location cosine distances over both branches and all stages, up-sampled and blurred (sigma 4); the image
-    score is the mean of the top 1% of the map.
+    encoder's maps must rebuild the frozen encoder's maps and vice versa. The loss is the global cosine
+    distance between each flattened encoder map and its reconstruction, with hard mining: points reconstructed
+    better than mean + alpha x std have their gradient scaled by ``hm_factor``, alpha ramping from
+    ``hm_alpha_start`` to ``hm_alpha_end`` over the first ``hm_warmup`` share of the iterations. The anomaly
+    map is the sum of the per-location cosine distances over both branches and all stages, up-sampled and
+    blurred (sigma 4); the image score is the mean of the top 1% of the map.
 
-    The trainable encoder cannot train on a feature cache: every step runs it forward and backward on the images.
-    What can be cached is cached once before training: the images themselves and the frozen encoder's maps (on
-    the CPU, in float32: about 0.8 + 0.6 MB per 256-px image with lite0). ``encoder_frozen_stages`` (the "cpu"
-    preset) further saves the backward pass through the early high-resolution layers.
+    The trainable encoder cannot train on a feature cache: every step runs it forward and backward on the
+    images. What can be cached is cached once before training: the images themselves and the frozen encoder's
+    maps (on the CPU, in float32: about 0.8 + 0.6 MB per 256-px image with lite0). ``encoder_frozen_stages``
+    (the "cpu" preset) further saves the backward pass through the early high-resolution layers.
 
     Args:
         encoder_lr: learning rate of the trainable encoder (1e-5).
@@ -97,10 +98,10 @@ class Recontrast(RevDist):
         hm_alpha_end: alpha after the warm-up (1: points below mean + 1 std are down-weighted).
         hm_warmup: share of the iterations over which alpha ramps up (0.1).
         hm_factor: gradient factor of the easy points (0: ignored).
-        encoder_frozen_stages: returned encoder stages (with everything before them) kept frozen in the trainable
-            copy (paper 0: all trainable; cpu 1).
-        **kwargs: ``RevDist`` arguments (preset, stages, iterations, train_batch_size, lr, betas, weight_decay,
-            widths and depths, sigma, pooling) and ``BaseDetector`` arguments.
+        encoder_frozen_stages: returned encoder stages (with everything before them) kept frozen in the
+            trainable copy (paper 0: all trainable; cpu 1).
+        **kwargs: ``RevDist`` arguments (preset, stages, iterations, train_batch_size, lr, betas,
+            weight_decay, widths and depths, sigma, pooling) and ``BaseDetector`` arguments.
 
     Attributes:
         backbone_: the frozen ``Backbone``.

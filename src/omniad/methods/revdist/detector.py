@@ -17,13 +17,18 @@ from omniad.registry import register_detector
 from omniad.types import AnomalyScores
 
 # The settings a preset fills in for every hyper-parameter left at None.
-#   paper: CADA's RD setting (5,000 iterations, batch 16) with RD's WideResNet-50 depths (OCBE 3 blocks, decoder
-#          6/4/3 blocks per stage, finest first).
-#   cpu:   measured on a 2-core shared CPU with tf_efficientnet_lite0 at 256 px: one residual block per stage and
-#          batch 8 bring one iteration from ~7-14 s (paper depths, batch 16) to ~1-2 s; 300 iterations (~2.7 passes
-#          over a 900-image set) instead of 5,000. What it costs in accuracy is in benchmarks/results/rdrc.md.
+#   paper: CADA's RD setting (5,000 iterations, batch 16) with RD's WideResNet-50 depths (OCBE 3 blocks,
+#          decoder 6/4/3 blocks per stage, finest first).
+#   cpu:   measured on a 2-core shared CPU with tf_efficientnet_lite0 at 256 px: one residual block per stage
+#          and batch 8 bring one iteration from ~6-14 s (paper depths, batch 16) to ~1-2 s; 300 iterations
+#          (~2.7 passes over a 900-image set) instead of 5,000. Its cost: benchmarks/results/rdrc.md.
 REVDIST_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"iterations": 5000, "train_batch_size": 16, "bottleneck_blocks": 3, "decoder_blocks": (6, 4, 3)},
+    "paper": {
+        "iterations": 5000,
+        "train_batch_size": 16,
+        "bottleneck_blocks": 3,
+        "decoder_blocks": (6, 4, 3),
+    },
     "cpu": {"iterations": 300, "train_batch_size": 8, "bottleneck_blocks": 1, "decoder_blocks": (1, 1, 1)},
 }
 
@@ -37,8 +42,9 @@ def resolve_preset(presets: dict[str, dict[str, Any]], preset: str, values: dict
 
 
 def batch_indices(n: int, batch_size: int, iterations: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Indices of ``iterations`` training batches: shuffled passes over ``n`` items, the incomplete tail of each
-    pass dropped (as a DataLoader with drop_last); a set smaller than one batch gives whole-set batches."""
+    """Indices of ``iterations`` training batches: shuffled passes over ``n`` items, the incomplete tail of
+    each pass dropped (as a DataLoader with drop_last); a set smaller than one batch gives whole-set
+    batches."""
     batch_size = min(batch_size, n)
     done = 0
     while done < iterations:
@@ -71,14 +77,14 @@ def progress_bar(total: int, enabled: bool, desc: str):
 class RevDist(BaseDetector):
     """Reverse Distillation from a one-class embedding (Deng & Li, CVPR 2022), in CADA's unified setting.
 
-    A frozen encoder gives stage maps; a trainable one-class bottleneck (OCBE) squeezes them into one embedding and
-    a reverse decoder rebuilds every stage from it. Trained on normal images only, the decoder fails to rebuild
-    anomalous regions: the anomaly map is the sum over stages of the per-location cosine distance between encoder
-    and decoder maps, up-sampled to the input and Gaussian-blurred (sigma 4). The encoder is frozen, so its
-    features are computed once and the bottleneck and decoder train on the cache.
+    A frozen encoder gives stage maps; a trainable one-class bottleneck (OCBE) squeezes them into one
+    embedding and a reverse decoder rebuilds every stage from it. Trained on normal images only, the decoder
+    fails to rebuild anomalous regions: the anomaly map is the sum over stages of the per-location cosine
+    distance between encoder and decoder maps, up-sampled to the input and Gaussian-blurred (sigma 4). The
+    encoder is frozen, so its features are computed once and the bottleneck and decoder train on the cache.
 
-    Hyper-parameters left at None come from ``preset`` ("paper": CADA's setting; "cpu": the measured CPU setting,
-    see ``REVDIST_PRESETS``).
+    Hyper-parameters left at None come from ``preset`` ("paper": CADA's setting; "cpu": the measured CPU
+    setting, see ``REVDIST_PRESETS``).
 
     Args:
         preset: "paper" or "cpu".
@@ -95,7 +101,8 @@ class RevDist(BaseDetector):
         width_ratio: inner width / output channels of every residual block (0.5, as WideResNet).
         decoder_activation: "gelu" (CADA: for training stability) or "relu" (original RD).
         sigma: Gaussian blur of the anomaly map (0 disables).
-        pooling: image score from the map: "top1" (mean of the top 1%, protocol and CADA) or "max" (original RD).
+        pooling: image score from the map: "top1" (mean of the top 1%, protocol and CADA) or "max"
+            (original RD).
         **common: ``BaseDetector`` arguments (backbone, weights, image_size, device, seed, batch_size, ...).
 
     Attributes:
@@ -184,7 +191,9 @@ class RevDist(BaseDetector):
     # ----------------------------------------------------------------- fitting
     def _fit(self, images: torch.utils.data.Dataset) -> None:
         self._build({})
-        features = extract_features(self.backbone_, images, self.device_, self.batch_size, progress=self.progress)
+        features = extract_features(
+            self.backbone_, images, self.device_, self.batch_size, progress=self.progress
+        )
         optimizer = torch.optim.AdamW(
             self.net_.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )

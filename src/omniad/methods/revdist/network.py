@@ -1,12 +1,13 @@
-"""Reverse Distillation (Deng & Li, CVPR 2022): a trainable one-class bottleneck (OCBE) and a decoder that is the
-frozen encoder reversed, built generically from any backbone's stage channels and strides.
+"""Reverse Distillation (Deng & Li, CVPR 2022): a trainable one-class bottleneck (OCBE) and a decoder that is
+the frozen encoder reversed, built generically from any backbone's stage channels and strides.
 
 The building blocks (``OneClassBottleneck``, ``ReverseDecoder``, the cosine-distance helpers) are exported for
 ReContrast, whose bottleneck and decoder are Reverse Distillation's.
 
 Shapes, for encoder stages with channels ``c_1..c_n`` and strides ``s_1 < .. < s_n``:
     OCBE:    n maps -> each brought to stride s_n (strided 3x3 convs) -> concatenated (n * c_n channels) ->
-             residual blocks with a stride-2 start, like the next encoder stage -> (embed_channels, stride 2 s_n)
+             residual blocks with a stride-2 start, like the next encoder stage ->
+             (embed_channels, stride 2 s_n)
     decoder: embedding -> for k = n..1: an up-sampling residual stage to (c_k, stride s_k)
 """
 
@@ -33,7 +34,9 @@ def _activation(name: str) -> nn.Module:
 def _power_of_two(ratio: float, what: str) -> int:
     steps = math.log2(ratio) if ratio >= 1 else -1.0
     if steps < 0 or steps != int(steps):
-        raise ValueError(f"{what} must be a power of two (got a stride ratio of {ratio}); choose other stages")
+        raise ValueError(
+            f"{what} must be a power of two (got a stride ratio of {ratio}); choose other stages"
+        )
     return int(steps)
 
 
@@ -45,7 +48,8 @@ class ResidualBlock(nn.Module):
         out_channels: output channels.
         width: channels of the inner 3x3 convolution (WideResNet-50: out_channels / 2).
         scale: 1 keeps the resolution; "down" halves it with a stride-2 3x3 conv (encoder side); an int r > 1
-            multiplies it by r with an r x r transposed conv in place of the 3x3 (the decoder, "reversed" encoder).
+            multiplies it by r with an r x r transposed conv in place of the 3x3 (the decoder, "reversed"
+            encoder).
         activation: "relu" or "gelu".
     """
 
@@ -63,11 +67,15 @@ class ResidualBlock(nn.Module):
             shortcut = nn.ConvTranspose2d(in_channels, out_channels, scale, stride=scale, bias=False)
         else:
             self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-            shortcut = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+            shortcut = (
+                nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+            )
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential(shortcut, nn.BatchNorm2d(out_channels)) if shortcut is not None else None
+        self.shortcut = (
+            nn.Sequential(shortcut, nn.BatchNorm2d(out_channels)) if shortcut is not None else None
+        )
         self.act = _activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,10 +106,10 @@ def _conv_bn_act(in_channels: int, out_channels: int, stride: int) -> nn.Sequent
 class OneClassBottleneck(nn.Module):
     """OCBE: multi-scale feature fusion of the encoder stages, then a one-class embedding stage.
 
-    Each stage but the last is brought to the last stage's stride by stride-2 3x3 convs (channels doubling, the
-    last conv giving the last stage's channels, as in RD's WideResNet-50 bottleneck: 256 -> 512 -> 1024); the
-    maps are concatenated and passed through residual blocks that start with a stride-2 block, like the next
-    encoder stage (WideResNet-50's layer4: 3 blocks, 2048 channels).
+    Each stage but the last is brought to the last stage's stride by stride-2 3x3 convs (channels doubling,
+    the last conv giving the last stage's channels, as in RD's WideResNet-50 bottleneck: 256 -> 512 -> 1024);
+    the maps are concatenated and passed through residual blocks that start with a stride-2 block, like the
+    next encoder stage (WideResNet-50's layer4: 3 blocks, 2048 channels).
 
     Args:
         channels: encoder stage channels, finest first.
@@ -121,10 +129,12 @@ class OneClassBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != len(strides) or not channels:
-            raise ValueError(f"channels {list(channels)} and strides {list(strides)} must be non-empty, same length")
+            raise ValueError(
+                f"channels {list(channels)} and strides {list(strides)} must be non-empty, same length"
+            )
         last_c, last_s = int(channels[-1]), int(strides[-1])
         self.fuse = nn.ModuleList()
-        for c, s in zip(channels[:-1], strides[:-1]):
+        for c, s in zip(channels[:-1], strides[:-1], strict=True):
             steps = _power_of_two(last_s / s, "the ratio of the last stage's stride to every other stage's")
             layers, current = [], int(c)
             for j in range(max(steps, 1)):
@@ -138,7 +148,7 @@ class OneClassBottleneck(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """n encoder maps -> (B, embed_channels, H / (2 s_n), W / (2 s_n))."""
-        fused = [f(x) for f, x in zip(self.fuse, features[:-1])] + [features[-1]]
+        fused = [f(x) for f, x in zip(self.fuse, features[:-1], strict=True)] + [features[-1]]
         return self.embed(torch.cat(fused, dim=1))
 
 
@@ -152,8 +162,8 @@ class ReverseDecoder(nn.Module):
         in_channels: channels of the bottleneck embedding.
         in_stride: stride of the bottleneck embedding.
         blocks: residual blocks per decoder stage, one count per encoder stage, finest first. RD's
-            WideResNet-50 decoder has 3 blocks in the stage that rebuilds layer3, 4 for layer2 and 6 for layer1:
-            (6, 4, 3).
+            WideResNet-50 decoder has 3 blocks in the stage that rebuilds layer3, 4 for layer2 and 6 for
+            layer1: (6, 4, 3).
         width_ratio: inner width of each residual block / its output channels.
         activation: "gelu" (CADA's choice for training stability) or "relu" (original RD).
     """
@@ -175,10 +185,12 @@ class ReverseDecoder(nn.Module):
             )
         self.stages = nn.ModuleList()
         current_c, current_s = int(in_channels), int(in_stride)
-        for c, s, n in reversed(list(zip(channels, strides, blocks))):
+        for c, s, n in reversed(list(zip(channels, strides, blocks, strict=True))):
             ratio = current_s // int(s)
             _power_of_two(current_s / int(s), "the decoder's up-sampling ratio between consecutive stages")
-            self.stages.append(_stage(current_c, int(c), int(n), width_ratio, ratio if ratio > 1 else 1, activation))
+            self.stages.append(
+                _stage(current_c, int(c), int(n), width_ratio, ratio if ratio > 1 else 1, activation)
+            )
             current_c, current_s = int(c), int(s)
 
     def forward(self, embedding: Tensor) -> list[Tensor]:
@@ -193,8 +205,8 @@ class ReverseDecoder(nn.Module):
 class RevDistNet(nn.Module):
     """Reverse Distillation's trainable part: OCBE bottleneck + reverse decoder.
 
-    Tensors in, tensors out: frozen-encoder stage maps (finest first) -> reconstructed maps of the same shapes.
-    The frozen encoder lives outside (its features are cached during training).
+    Tensors in, tensors out: frozen-encoder stage maps (finest first) -> reconstructed maps of the same
+    shapes. The frozen encoder lives outside (its features are cached during training).
 
     Args:
         channels: encoder stage channels, finest first.
@@ -217,7 +229,9 @@ class RevDistNet(nn.Module):
         decoder_activation: str = "gelu",
     ) -> None:
         super().__init__()
-        self.bottleneck = OneClassBottleneck(channels, strides, embed_channels, bottleneck_blocks, width_ratio)
+        self.bottleneck = OneClassBottleneck(
+            channels, strides, embed_channels, bottleneck_blocks, width_ratio
+        )
         self.decoder = ReverseDecoder(
             channels,
             strides,
@@ -236,7 +250,7 @@ class RevDistNet(nn.Module):
 # ------------------------------------------------------------------ distances, loss and map
 def cosine_distance_maps(encoder: Sequence[Tensor], decoder: Sequence[Tensor]) -> list[Tensor]:
     """Per-location 1 - cosine similarity over channels: one (B, h_i, w_i) map per stage."""
-    return [1 - F.cosine_similarity(e, d, dim=1) for e, d in zip(encoder, decoder)]
+    return [1 - F.cosine_similarity(e, d, dim=1) for e, d in zip(encoder, decoder, strict=True)]
 
 
 def revdist_loss(encoder: Sequence[Tensor], decoder: Sequence[Tensor]) -> Tensor:
@@ -248,7 +262,8 @@ def revdist_loss(encoder: Sequence[Tensor], decoder: Sequence[Tensor]) -> Tensor
 def anomaly_map(
     encoder: Sequence[Tensor], decoder: Sequence[Tensor], size: tuple[int, int], sigma: float = 4.0
 ) -> Tensor:
-    """Sum over stages of the cosine-distance maps up-sampled to ``size``, then Gaussian-blurred: (B, H, W)."""
+    """Sum over stages of the cosine-distance maps up-sampled to ``size``, then Gaussian-blurred: (B, H,
+    W)."""
     distances = cosine_distance_maps(encoder, decoder)
     total = torch.stack([upsample(d, size) for d in distances]).sum(dim=0)
     return gaussian_blur(total, sigma)
