@@ -1,5 +1,6 @@
 """Built-in detectors; importing this package registers them."""
 
+from omniad.methods import padim, patchcore  # noqa: F401  (registration)
 from omniad.methods.base import BaseDetector, NotFittedError
 from omniad.methods.recontrast import Recontrast
 from omniad.methods.revdist import RevDist

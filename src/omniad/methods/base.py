@@ -90,6 +90,14 @@ class BaseDetector:
                     defaults[p.name] = p.default
         return {name: defaults.get(name) for name in cls.param_names()}
 
+    @classmethod
+    def param_help(cls) -> dict[str, str]:
+        """One line of help per hyper-parameter, read from the "Args:" sections of the class docstrings."""
+        helps: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            helps.update(_docstring_args(klass.__doc__ or ""))
+        return {name: helps.get(name, "") for name in cls.param_names()}
+
     def get_params(self) -> dict[str, Any]:
         """The hyper-parameters this detector was created with (JSON-able)."""
         return {name: _jsonable(getattr(self, name)) for name in self.param_names()}
@@ -231,6 +239,33 @@ class BaseDetector:
         meta = dict(self._meta())
         meta["threshold"] = getattr(self, "threshold_", float("nan"))
         return meta
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """Parse a Google-style "Args:" section into {name: description} (continuation lines joined)."""
+    out: dict[str, str] = {}
+    lines = doc.expandtabs().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return out
+    indent = None
+    current = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        width = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = width
+        if width < indent:
+            break
+        if width == indent and ":" in line:
+            name, _, text = line.strip().partition(":")
+            current = name.strip().lstrip("*")
+            out[current] = text.strip()
+        elif current is not None:
+            out[current] += " " + line.strip()
+    return out
 
 
 def _check_images(images: Any) -> Tensor:

@@ -1,0 +1,357 @@
+"""The ``omniad`` command line. Thin: every command calls the same functions a Python user calls.
+
+    omniad fit      --data ROOT --method NAME [method options] --out MODEL
+    omniad eval     --model MODEL --data ROOT [--out REPORT_DIR]
+    omniad run      --data ROOT --method NAME --out DIR        (fit + eval + report, any setting)
+    omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR
+    omniad list
+    omniad demo     [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_METHOD = "patchcore"
+
+
+# ------------------------------------------------------------------ method options from the detector's signature
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def add_method_options(parser: argparse.ArgumentParser, method: str) -> list[str]:
+    """Add one ``--option`` per hyper-parameter of ``method``, typed by its default, documented by its docstring."""
+    from omniad.registry import detector_class
+
+    cls = detector_class(method)
+    group = parser.add_argument_group(f"options of method {method!r} (defaults = the paper's)")
+    helps, defaults = cls.param_help(), cls.param_defaults()
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        text = f"{helps.get(name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(default, (tuple, list)):
+            kind = type(default[0]) if default else str
+            group.add_argument(flag, dest=name, nargs="+", type=kind, default=None, help=text)
+        elif isinstance(default, (int, float, str)):
+            group.add_argument(flag, dest=name, type=type(default), default=None, help=text)
+        else:
+            group.add_argument(flag, dest=name, type=_parse_value, default=None, help=text + " [YAML value]")
+    return list(defaults)
+
+
+def method_params(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """Parameters given on the command line (or in --config), to pass to ``create_detector``."""
+    params: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: a config file must hold a mapping of parameter: value")
+        unknown = sorted(set(loaded) - set(names))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown parameters {unknown}; known: {', '.join(names)}")
+        params.update(loaded)
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            params[name] = tuple(value) if isinstance(value, list) else value
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
+# ------------------------------------------------------------------ data options
+def _categories(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+def add_data_options(parser: argparse.ArgumentParser, train: bool, test: bool) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", action="append", required=True, metavar="ROOT",
+        help="MVTec-style root (<category>/train/good, test/<type>, ground_truth/<type>); repeat for several roots",
+    )
+    if train:
+        group.add_argument("--train-categories", "--categories", dest="train_categories", metavar="A,B",
+                           help="categories to train on (comma-separated; default: all)")
+    if test:
+        group.add_argument("--test-categories", dest="test_categories", metavar="C,D",
+                           help="categories to test on (default: the training categories, or all)")
+    if train and test:
+        group.add_argument("--cross-class", metavar="SPLIT",
+                           help="a named cross-class split, e.g. 'magnetic_tile->kolektor' or "
+                                "'mvtec:textures->objects' (sets both category lists)")
+
+
+def _resolve_categories(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    train = _categories(getattr(args, "train_categories", None))
+    test = _categories(getattr(args, "test_categories", None))
+    if getattr(args, "cross_class", None):
+        from omniad.data.protocols import cross_class_split
+
+        train, test = cross_class_split(args.cross_class)
+    return train, (test if test is not None else train)
+
+
+def _dataset(roots: list[str], categories: list[str] | None, split: str, image_size: int):
+    from omniad.data import MVTecDataset
+
+    return MVTecDataset(roots, categories=categories, split=split, image_size=image_size)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_list(args: argparse.Namespace) -> int:
+    from omniad.registry import detector_class, list_detectors
+
+    for name in list_detectors():
+        cls = detector_class(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:12s} {summary}")
+        if args.verbose:
+            for param, default in cls.param_defaults().items():
+                print(f"    --{param.replace('_', '-'):24s} {default!r}")
+    return 0
+
+
+def _fit(args: argparse.Namespace, names: list[str]):
+    from omniad.registry import create_detector
+
+    params = method_params(args, names)
+    detector = create_detector(args.method, **params)
+    train_categories, _ = _resolve_categories(args)
+    train = _dataset(args.data, train_categories, "train", detector.image_size)
+    print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
+          f"(unified: no category labels)", file=sys.stderr)
+    detector.fit(train)
+    print(f"fitted in {detector.fit_seconds_:.1f} s; calibrated threshold {detector.threshold_:.4g} "
+          f"(target false-alarm rate {detector.target_far})", file=sys.stderr)
+    return detector
+
+
+def cmd_fit(args: argparse.Namespace, names: list[str]) -> int:
+    detector = _fit(args, names)
+    detector.save(args.out)
+    print(f"saved model to {args.out}")
+    return 0
+
+
+def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> None:
+    from omniad.metrics import evaluate
+
+    _, test_categories = _resolve_categories(args)
+    test = _dataset(args.data, test_categories, "test", detector.image_size)
+    report = evaluate(detector, test, progress=detector.progress)
+    print(report.to_markdown())
+    if out:
+        report.save(out)
+        print(f"report written to {out}/report.md and report.json", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from omniad.io import load_detector
+
+    detector = load_detector(args.model, device=args.device)
+    _evaluate_and_write(detector, args, args.out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, names: list[str]) -> int:
+    detector = _fit(args, names)
+    out = Path(args.out)
+    detector.save(out / "model")
+    _evaluate_and_write(detector, args, str(out))
+    return 0
+
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _collect_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import math
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from omniad.data import read_image
+    from omniad.data.images import resize_image
+    from omniad.io import load_detector
+    from omniad.report import save_overlay
+
+    detector = load_detector(args.model, device=args.device)
+    threshold = args.threshold if args.threshold is not None else detector.threshold_
+    files = _collect_inputs(args.inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, maps_for_overlay = [], []
+    size = detector.image_size
+    for start in tqdm(range(0, len(files), detector.batch_size), desc="predict", unit="batch",
+                      disable=not detector.progress):
+        chunk = files[start : start + detector.batch_size]
+        images = torch.stack([resize_image(read_image(p), size) for p in chunk])
+        result = detector.score(images)
+        for path, image, score, amap in zip(chunk, images, result.image_scores, result.anomaly_maps):
+            decision = bool(score > threshold) if math.isfinite(threshold) else None
+            rows.append({"path": str(path), "score": float(score), "anomalous": decision})
+            if args.overlays:
+                maps_for_overlay.append((path, image, amap))
+    if maps_for_overlay:
+        values = torch.stack([m for _, _, m in maps_for_overlay]).flatten().numpy()
+        vmin, vmax = (float(v) for v in np.percentile(values, [1, 100]))  # one colour scale for the whole run
+        if math.isfinite(threshold):
+            vmin = min(vmin, threshold)
+        for path, image, amap in maps_for_overlay:
+            save_overlay(image, amap, out / "overlays" / f"{path.stem}.png", vmin=vmin, vmax=vmax)
+    _write_results(rows, out, threshold)
+    flagged = sum(1 for r in rows if r["anomalous"])
+    print(f"{len(rows)} images scored, {flagged} flagged anomalous at threshold {threshold:.4g}; "
+          f"results in {out}/results.csv and results.json")
+    return 0
+
+
+def _write_results(rows: list[dict], out: Path, threshold: float) -> None:
+    import csv
+    import math
+
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "score", "anomalous"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "results.csv")
+    payload = {"threshold": threshold if math.isfinite(threshold) else None, "results": rows}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out / "results.json")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from omniad.demo import run_demo
+
+    run_demo(args.out, method=args.method, weights=args.weights, seed=args.seed)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser(command: str | None = None, method: str | None = None) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The full parser; the ``command`` (fit or run) being parsed gets the options of ``method``."""
+    parser = argparse.ArgumentParser(prog="omniad", description="Unified visual anomaly detection: one model "
+                                     "for every product type, one threshold, no type label.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    names: list[str] = []
+
+    for name, helptext in (("fit", "train one model on normal images of every category at once"),
+                              ("run", "fit, save, evaluate and write the report in one go")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--method", default=DEFAULT_METHOD,
+                       help=f"detector to train (see `omniad list`; default {DEFAULT_METHOD}); "
+                            "`omniad fit --method NAME --help` lists that method's options")
+        p.add_argument("--out", required=True, help="model folder to write (fit) or output folder (run)")
+        p.add_argument("--config", help="YAML file of method parameters (command-line options win)")
+        add_data_options(p, train=True, test=name == "run")
+        if method is not None and name == command:
+            names = add_method_options(p, method)
+
+    p = sub.add_parser("eval", help="evaluate a saved model on the test split (per category, mean, mixed)")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--out", help="folder for report.json and report.md")
+    p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+    add_data_options(p, train=False, test=True)
+
+    p = sub.add_parser("predict", help="score images or folders; decisions, heatmap overlays, CSV/JSON")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder for results.csv, results.json, overlays/")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the model's calibrated one)")
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a heatmap overlay PNG per image (default: on)")
+    p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+
+    p = sub.add_parser("list", help="list the registered detectors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list every parameter with its default")
+
+    p = sub.add_parser("demo", help="generate a synthetic multi-type set, fit one unified model, evaluate")
+    p.add_argument("--out", default="omniad-demo", help="output folder (default: omniad-demo)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"detector (default {DEFAULT_METHOD})")
+    p.add_argument("--weights", default="offline",
+                   help="backbone weights (default: offline ImageNet weights, needs omniad[offline-weights])")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data and the model (default 0)")
+    return parser, names
+
+
+def _version() -> str:
+    from omniad import __version__
+
+    return f"omniad {__version__}"
+
+
+def _method_from_argv(argv: list[str]) -> tuple[str | None, str | None]:
+    command = argv[0] if argv else None
+    if command not in ("fit", "run"):
+        return command, None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=DEFAULT_METHOD)
+    known, _ = pre.parse_known_args(argv[1:])
+    return command, known.method
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command, method = _method_from_argv(argv)
+        parser, names = build_parser(command, method)
+        args = parser.parse_args(argv)
+        started = time.perf_counter()
+        if args.command == "fit":
+            code = cmd_fit(args, names)
+        elif args.command == "run":
+            code = cmd_run(args, names)
+        elif args.command == "eval":
+            code = cmd_eval(args)
+        elif args.command == "predict":
+            code = cmd_predict(args)
+        elif args.command == "list":
+            code = cmd_list(args)
+        else:
+            code = cmd_demo(args)
+        print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("omniad: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        if os.environ.get("OMNIAD_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"omniad: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
