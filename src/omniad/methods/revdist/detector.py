@@ -41,6 +41,14 @@ def resolve_preset(presets: dict[str, dict[str, Any]], preset: str, values: dict
     return {k: (chosen[k] if v is None and k in chosen else v) for k, v in values.items()}
 
 
+def preset_depths(blocks: tuple[int, ...], stages: int) -> tuple[int, ...]:
+    """A preset's decoder depths (finest first, given for 3 stages) fitted to ``stages`` stages: the coarse
+    end is kept and extra finer stages repeat the finest depth: (6, 4, 3) -> (4, 3) for 2, (6, 6, 4, 3) for 4."""
+    if stages <= len(blocks):
+        return blocks[len(blocks) - stages :]
+    return (blocks[0],) * (stages - len(blocks)) + blocks
+
+
 def batch_indices(n: int, batch_size: int, iterations: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Indices of ``iterations`` training batches: shuffled passes over ``n`` items, the incomplete tail of
     each pass dropped (as a DataLoader with drop_last); a set smaller than one batch gives whole-set
@@ -152,7 +160,10 @@ class RevDist(BaseDetector):
         self.weight_decay = weight_decay
         self.embed_channels = embed_channels
         self.bottleneck_blocks = int(resolved["bottleneck_blocks"])
-        self.decoder_blocks = tuple(int(b) for b in resolved["decoder_blocks"])
+        blocks = tuple(int(b) for b in resolved["decoder_blocks"])
+        if decoder_blocks is None:  # a preset's depths, given for 3 stages, follow the number of stages
+            blocks = preset_depths(blocks, len(self.stages))
+        self.decoder_blocks = blocks
         self.width_ratio = width_ratio
         self.decoder_activation = decoder_activation
         self.sigma = sigma
