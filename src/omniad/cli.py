@@ -226,7 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if math.isfinite(threshold):
             vmin = min(vmin, threshold)
         for path, image, amap in maps_for_overlay:
-            save_overlay(image, amap, out / "overlays" / f"{path.stem}.png", vmin=vmin, vmax=vmax)
+            save_overlay(out / "overlays" / f"{path.stem}.png", image, amap, vmin=vmin, vmax=vmax)
     _write_results(rows, out, threshold)
     flagged = sum(1 for r in rows if r["anomalous"])
     print(f"{len(rows)} images scored, {flagged} flagged anomalous at threshold {threshold:.4g}; "

@@ -69,7 +69,7 @@ def _write_overlays(detector: Any, test: Any, folder: Path, save_overlay: Any, p
     vmax = float(result.anomaly_maps.max())
     for sample, amap in zip(samples, result.anomaly_maps):
         name = f"{sample.category}_{sample.defect_type}_{Path(sample.path).stem}.png"
-        save_overlay(sample.image, amap, folder / name, vmin=vmin, vmax=vmax)
+        save_overlay(folder / name, sample.image, amap, vmin=vmin, vmax=vmax)
 
 
 def _say(text: str) -> None:
