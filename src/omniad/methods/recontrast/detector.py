@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
-from omniad.features import extract_features
 from omniad.methods.recontrast.network import RecontrastNet, hard_mining_alpha, recontrast_loss
 from omniad.methods.revdist.detector import RevDist, batch_indices, progress_bar
 from omniad.methods.revdist.network import anomaly_map
@@ -60,15 +59,31 @@ def freeze_leading_stages(encoder: Backbone, stages: int) -> None:
         param.requires_grad_(False)
 
 
-class _WithImages(nn.Module):
-    """Backbone wrapper whose output starts with the input images: caches images and maps in one pass."""
+class FirstVisitCache:
+    """Images and frozen-encoder maps of a training set, computed the first time each image is drawn and kept.
 
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
+    The trainable encoder needs the images at every step, so only the images and the frozen branch can be
+    cached. Filling the cache on first visit means a short CPU run (fewer draws than images) never decodes or
+    encodes images it does not use, and a long run pays once per image, like ``extract_features``.
+    """
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return [images, *self.backbone(images)]
+    def __init__(self, images: torch.utils.data.Dataset, backbone: nn.Module, device: torch.device) -> None:
+        self.images, self.backbone, self.device = images, backbone, device
+        self.store: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    @torch.no_grad()
+    def get(self, index: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(B, 3, H, W) images and the frozen encoder's maps for these dataset indices, on the device."""
+        missing = [i for i in index.tolist() if i not in self.store]
+        if missing:
+            pictures = torch.stack([self.images[i] for i in missing]).to(self.device)
+            maps = self.backbone(pictures)
+            for j, i in enumerate(missing):
+                self.store[i] = (pictures[j].cpu(), [m[j].cpu() for m in maps])
+        items = [self.store[i] for i in index.tolist()]
+        pictures = torch.stack([item[0] for item in items]).to(self.device)
+        maps = [torch.stack([item[1][k] for item in items]).to(self.device) for k in range(len(items[0][1]))]
+        return pictures, maps
 
 
 @register_detector("recontrast")
@@ -85,9 +100,10 @@ class Recontrast(RevDist):
     blurred (sigma 4); the image score is the mean of the top 1% of the map.
 
     The trainable encoder cannot train on a feature cache: every step runs it forward and backward on the
-    images. What can be cached is cached once before training: the images themselves and the frozen encoder's
-    maps (on the CPU, in float32: about 0.8 + 0.6 MB per 256-px image with lite0). ``encoder_frozen_stages``
-    (the "cpu" preset) further saves the backward pass through the early high-resolution layers.
+    images. What can be cached is, once per image, on first draw (``FirstVisitCache``): the images themselves
+    and the frozen encoder's maps (on the CPU, float32: about 0.8 + 0.6 MB per 256-px image with lite0).
+    ``encoder_frozen_stages`` (the "cpu" preset) also saves the backward pass through the early
+    high-resolution layers.
 
     Args:
         encoder_lr: learning rate of the trainable encoder (1e-5).
@@ -157,10 +173,7 @@ class Recontrast(RevDist):
     # ----------------------------------------------------------------- fitting
     def _fit(self, images: torch.utils.data.Dataset) -> None:
         self._build({})
-        cached = extract_features(
-            _WithImages(self.backbone_), images, self.device_, self.batch_size, progress=self.progress
-        )
-        pictures, frozen = cached[0], cached[1:]
+        cache = FirstVisitCache(images, self.backbone_.eval(), self.device_)
         encoder_params = [p for p in self.net_.encoder.parameters() if p.requires_grad]
         encoder_ids = {id(p) for p in self.net_.encoder.parameters()}
         other_params = [p for p in self.net_.parameters() if id(p) not in encoder_ids]
@@ -178,14 +191,9 @@ class Recontrast(RevDist):
         self.loss_history_: list[float] = []
         bar = progress_bar(self.iterations, self.progress, "recontrast training")
         try:
-            for it, index in enumerate(
-                batch_indices(len(images), self.train_batch_size, self.iterations, generator)
-            ):
-                alpha = hard_mining_alpha(
-                    it, self.iterations, self.hm_alpha_start, self.hm_alpha_end, self.hm_warmup
-                )
-                batch = pictures[index].to(self.device_)
-                targets, recons = self.net_(batch, [f[index].to(self.device_) for f in frozen])
+            for it, index in enumerate(batch_indices(len(images), self.train_batch_size, self.iterations, generator)):
+                alpha = hard_mining_alpha(it, self.iterations, self.hm_alpha_start, self.hm_alpha_end, self.hm_warmup)
+                targets, recons = self.net_(*cache.get(index))
                 loss = recontrast_loss(targets, recons, alpha, self.hm_factor)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

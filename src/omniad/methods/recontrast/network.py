@@ -50,9 +50,7 @@ class RecontrastNet(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.bottleneck = OneClassBottleneck(
-            channels, strides, embed_channels, bottleneck_blocks, width_ratio
-        )
+        self.bottleneck = OneClassBottleneck(channels, strides, embed_channels, bottleneck_blocks, width_ratio)
         self.decoder = ReverseDecoder(
             channels,
             strides,
@@ -89,9 +87,7 @@ def scale_gradient(x: Tensor, weight: Tensor) -> Tensor:
     return x * weight + x.detach() * (1 - weight)
 
 
-def hard_mining_alpha(
-    iteration: int, total: int, start: float = -3.0, end: float = 1.0, warmup: float = 0.1
-) -> float:
+def hard_mining_alpha(iteration: int, total: int, start: float = -3.0, end: float = 1.0, warmup: float = 0.1) -> float:
     """ReContrast's hard-mining strength: alpha goes linearly from ``start`` to ``end`` over the first
     ``warmup`` share of the iterations, then stays at ``end``. The easy points are those whose distance is
     below mean + alpha x std, so a larger alpha down-weights more of them."""
@@ -105,9 +101,7 @@ def easy_point_weights(target: Tensor, reconstruction: Tensor, alpha: float, fac
     with torch.no_grad():
         distance = 1 - F.cosine_similarity(target, reconstruction, dim=1)
         threshold = distance.mean() + alpha * distance.flatten().std()
-        weights = torch.where(
-            distance < threshold, torch.full_like(distance, factor), torch.ones_like(distance)
-        )
+        weights = torch.where(distance < threshold, torch.full_like(distance, factor), torch.ones_like(distance))
     return weights.unsqueeze(1)
 
 

@@ -202,9 +202,7 @@ class RevDist(BaseDetector):
     # ----------------------------------------------------------------- fitting
     def _fit(self, images: torch.utils.data.Dataset) -> None:
         self._build({})
-        features = extract_features(
-            self.backbone_, images, self.device_, self.batch_size, progress=self.progress
-        )
+        features = extract_features(self.backbone_, images, self.device_, self.batch_size, progress=self.progress)
         optimizer = torch.optim.AdamW(
             self.net_.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )

@@ -34,9 +34,7 @@ def _activation(name: str) -> nn.Module:
 def _power_of_two(ratio: float, what: str) -> int:
     steps = math.log2(ratio) if ratio >= 1 else -1.0
     if steps < 0 or steps != int(steps):
-        raise ValueError(
-            f"{what} must be a power of two (got a stride ratio of {ratio}); choose other stages"
-        )
+        raise ValueError(f"{what} must be a power of two (got a stride ratio of {ratio}); choose other stages")
     return int(steps)
 
 
@@ -67,15 +65,11 @@ class ResidualBlock(nn.Module):
             shortcut = nn.ConvTranspose2d(in_channels, out_channels, scale, stride=scale, bias=False)
         else:
             self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-            shortcut = (
-                nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
-            )
+            shortcut = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = (
-            nn.Sequential(shortcut, nn.BatchNorm2d(out_channels)) if shortcut is not None else None
-        )
+        self.shortcut = nn.Sequential(shortcut, nn.BatchNorm2d(out_channels)) if shortcut is not None else None
         self.act = _activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,9 +123,7 @@ class OneClassBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != len(strides) or not channels:
-            raise ValueError(
-                f"channels {list(channels)} and strides {list(strides)} must be non-empty, same length"
-            )
+            raise ValueError(f"channels {list(channels)} and strides {list(strides)} must be non-empty, same length")
         last_c, last_s = int(channels[-1]), int(strides[-1])
         self.fuse = nn.ModuleList()
         for c, s in zip(channels[:-1], strides[:-1], strict=True):
@@ -180,17 +172,13 @@ class ReverseDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if len(blocks) != len(channels):
-            raise ValueError(
-                f"decoder blocks {list(blocks)} need one count per encoder stage ({len(channels)} stages)"
-            )
+            raise ValueError(f"decoder blocks {list(blocks)} need one count per encoder stage ({len(channels)} stages)")
         self.stages = nn.ModuleList()
         current_c, current_s = int(in_channels), int(in_stride)
         for c, s, n in reversed(list(zip(channels, strides, blocks, strict=True))):
             ratio = current_s // int(s)
             _power_of_two(current_s / int(s), "the decoder's up-sampling ratio between consecutive stages")
-            self.stages.append(
-                _stage(current_c, int(c), int(n), width_ratio, ratio if ratio > 1 else 1, activation)
-            )
+            self.stages.append(_stage(current_c, int(c), int(n), width_ratio, ratio if ratio > 1 else 1, activation))
             current_c, current_s = int(c), int(s)
 
     def forward(self, embedding: Tensor) -> list[Tensor]:
@@ -229,9 +217,7 @@ class RevDistNet(nn.Module):
         decoder_activation: str = "gelu",
     ) -> None:
         super().__init__()
-        self.bottleneck = OneClassBottleneck(
-            channels, strides, embed_channels, bottleneck_blocks, width_ratio
-        )
+        self.bottleneck = OneClassBottleneck(channels, strides, embed_channels, bottleneck_blocks, width_ratio)
         self.decoder = ReverseDecoder(
             channels,
             strides,
