@@ -137,3 +137,23 @@ def test_paper_preset_trains_the_whole_encoder_with_amsgrad_and_decay():
     assert paper.encoder_frozen_stages == 0 and paper.amsgrad and paper.encoder_lr == 1e-5
     assert (paper.iterations, paper.train_batch_size, paper.lr_decay_at, paper.lr_decay) == (5000, 16, 0.8, 0.2)
     assert create_detector("recontrast", preset="cpu").encoder_frozen_stages == 1
+
+
+def test_first_visit_cache_encodes_each_image_once():
+    from omniad.methods.recontrast.detector import FirstVisitCache
+
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return [x.mean(dim=1, keepdim=True), x[:, :2, ::2, ::2]]
+
+    images = [torch.rand(3, 8, 8) for _ in range(5)]
+    cache = FirstVisitCache(images, Counting(), torch.device("cpu"))
+    pictures, maps = cache.get(torch.tensor([3, 1]))
+    torch.testing.assert_close(pictures, torch.stack([images[3], images[1]]))
+    assert [m.shape for m in maps] == [(2, 1, 8, 8), (2, 2, 4, 4)]
+    _, again = cache.get(torch.tensor([1, 4, 3]))
+    assert calls == [2, 1]  # only image 4 was new
+    torch.testing.assert_close(again[1][0], maps[1][1])
