@@ -27,6 +27,8 @@ TINY: dict[str, dict] = {
     "uniad": dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, dim_feedforward=64,
                   feature_stride=16, neighbor_size=3, epochs=30, train_batch_size=8, lr=1e-2,
                   output_bias_init="mean"),
+    "revdist": {"preset": "cpu", "iterations": 60},
+    "recontrast": {"preset": "cpu", "iterations": 20},
 }
 # Which detectors may score this tiny set near chance with random features (asserted only with real weights).
 MIN_AUROC = 0.7 if WEIGHTS == "offline" else 0.5
