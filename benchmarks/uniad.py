@@ -3,13 +3,14 @@ preset, its ablations (no layer-wise query, no neighbor mask, no jitter, neither
 detection curves, the cost of the paper's configuration, and PatchCore under the same protocol (read from
 benchmarks/results/industrial-patchcore/report.json, or fitted here with --run-patchcore).
 
-    nice -n 5 python benchmarks/uniad.py                       # everything (about 30 min on a shared 2-core CPU)
+    nice -n 5 python benchmarks/uniad.py                       # everything (about 50 min on a shared 2-core CPU)
     python benchmarks/uniad.py --configs cpu --no-paper-cost   # the preset alone
     python benchmarks/uniad.py --cache /tmp/uniad-features.pt  # reuse the backbone features between runs
 
 The backbone runs once over the train and test images; every configuration trains and is scored on that cache
 (``UniAD.extract`` / ``fit_features`` / ``score_features`` give the same numbers as ``fit`` / ``score``).
-Writes a Markdown table and the JSON behind it to ``--out`` (default benchmarks/results/uniad.md).
+Writes a Markdown table and the JSON behind it to ``--out`` (default benchmarks/results/uniad-latest.md;
+benchmarks/results/uniad.md is the written-up summary of the runs behind the CPU preset).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a small shared CPU more threads mostly wait on each other)")
     parser.add_argument("--cache", help="file to save the backbone features to / load them from")
-    parser.add_argument("--out", default="benchmarks/results/uniad.md")
+    parser.add_argument("--out", default="benchmarks/results/uniad-latest.md")
     args = parser.parse_args(argv)
     import yaml
 
@@ -268,7 +270,7 @@ def write_report(args, argv, train, test, cache, results, patchcore, paper, wall
     cats = sorted(train.categories)
     keys = [f"I-AUROC {c}" for c in cats] + ["I-AUROC mean", "I-AUROC mixed", "I-AP mean", "P-AUROC mean",
                                               "P-AUROC mixed", "AU-PRO mean", "F1 @thr mixed"]
-    command = "python benchmarks/uniad.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/uniad.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# UniAD on the real industrial set (unified: one model for kolektor + magnetic_tile)", "",
         f"- command: `nice -n 5 {command.strip()}`",
