@@ -3,4 +3,6 @@
 from omniad.methods import padim, patchcore  # noqa: F401  (registration)
 from omniad.methods.base import BaseDetector, NotFittedError
 
+from omniad.align import cada  # noqa: F401, E402  (registration; CADA wraps any detector above)
+
 __all__ = ["BaseDetector", "NotFittedError"]
