@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-from omniad import create_detector, list_detectors, load_detector
+from omniad import list_detectors, load_detector
 from omniad.align import CADA, CADARegressor, ClassAwareA, ClassAwareB, align_maps, class_statistics, map_moments
 from omniad.align.stats import image_statistics, targets_from_moments
 from omniad.backbone import Backbone

@@ -34,7 +34,7 @@ class CADARegressor(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 1 or n_outputs < 1:
-            raise ValueError(f"CADARegressor needs positive sizes, got in_channels={in_channels}, n_outputs={n_outputs}")
+            raise ValueError(f"CADARegressor needs positive sizes: in_channels={in_channels}, n_outputs={n_outputs}")
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size, padding=kernel_size // 2)
         self.act = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
