@@ -246,10 +246,13 @@ def test_u_sigma_targets(two_types):
     maps = cada.base_.score(train).anomaly_maps
     flat = maps.flatten(1).double()
     expected = torch.stack([flat.mean(1), flat.mean(1) + 3 * flat.std(1, unbiased=False)], 1).float()
-    torch.testing.assert_close(cada.regressor_.target_mean, expected.mean(0))
     torch.testing.assert_close(targets_from_moments(map_moments(maps), "u_sigma"), expected)
+    # the head predicts (u, gamma - u): its target means are those of u and of 3 sigma
+    torch.testing.assert_close(cada.regressor_.target_mean, torch.stack([expected[:, 0], expected[:, 1]
+                               - expected[:, 0]], 1).mean(0))
     other = _cada(base=FakeBase(**COMMON)).fit(train)  # target="max" regresses the maximum instead
-    assert float(other.regressor_.target_mean[1]) == pytest.approx(float(flat.max(1).values.mean()), rel=1e-5)
+    spread = flat.max(1).values - flat.mean(1)
+    assert float(other.regressor_.target_mean[1]) == pytest.approx(float(spread.mean()), rel=1e-5)
 
 
 def test_prefitted_base_is_not_refitted(two_types):

@@ -30,7 +30,7 @@ from omniad.align.core import (
     train_head,
 )
 from omniad.align.regressor import CADARegressor, channel_statistics
-from omniad.align.stats import _check_target, align_maps, targets_from_moments
+from omniad.align.stats import _check_target, align_with_spread, targets_from_moments
 from omniad.backbone import Backbone
 from omniad.data.sources import as_image_dataset, iterate_batches
 from omniad.methods.base import BaseDetector, NotFittedError
@@ -185,31 +185,42 @@ class CADA(BaseDetector):
                 f"the alignment data holds stage {data.stage} features ({data.features.shape[1]} channels) but this "
                 f"CADA reads stage {self.reader_.stage} ({self.reader_.channels} channels)"
             )
-        targets = targets_from_moments(data.moments, self.target)
-        t_mean = targets.mean(0)
-        t_scale = targets.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + float(t_mean.abs().max())))
+        targets = targets_from_moments(data.moments, self.target)  # (u, gamma) per training image
+        u, gamma = targets[:, 0], targets[:, 1]
+        # The head predicts (u, spread = gamma - u): the same function class as predicting (u, gamma) (the last
+        # layer is linear) and the same loss on (u_hat, gamma_hat = u_hat + spread_hat), but the spread the map
+        # is divided by is then not a difference of two nearly equal numbers (1 ulp of u would move it).
+        head_targets = torch.stack([u, gamma - u], 1)
+        t_mean = head_targets.mean(0)
+        t_scale = _scale(head_targets)
+        u_scale, g_scale = float(t_scale[0]), float(_scale(gamma[:, None])[0])
         f_mean, f_scale = channel_statistics(data.features)
         self.regressor_ = CADARegressor(data.features.shape[1], 2, self.hidden, self.dropout)
         self.regressor_.set_normalisation(f_mean, f_scale, t_mean, t_scale)
         alpha = self.resolved_alpha()
-        betas = [alpha / float(s) if alpha is not None else 1.0 for s in t_scale]
-        normalised = (targets - t_mean) / t_scale
+        # Eq. 3, smooth-L1 on u plus smooth-L1 on gamma, each divided by its target's standard deviation (alpha
+        # alike): the paper's loss per target up to a constant factor, so the same minimiser, but one SGD
+        # learning rate suits bases whose scores differ by orders of magnitude. alpha None: beta = 1 std.
+        beta_u = alpha / u_scale if alpha is not None else 1.0
+        beta_g = alpha / g_scale if alpha is not None else 1.0
+        mean, scale = t_mean.to(self.device_), t_scale.to(self.device_)
 
         def loss_fn(pred: Tensor, target: Tensor) -> Tensor:
-            # Eq. 3: smooth-L1 on u plus smooth-L1 on gamma; in standardised units with alpha rescaled alike,
-            # which is the paper's loss divided by each target's scale (same minimiser).
-            return sum(F.smooth_l1_loss(pred[:, k], target[:, k], beta=betas[k]) for k in range(2))
+            out = pred * scale + mean
+            u_hat, g_hat = out[:, 0], out[:, 0] + out[:, 1]
+            return F.smooth_l1_loss(u_hat / u_scale, target[:, 0] / u_scale, beta=beta_u) + F.smooth_l1_loss(
+                g_hat / g_scale, target[:, 1] / g_scale, beta=beta_g
+            )
 
         self.loss_history_ = train_head(
-            self.regressor_, data.features, normalised, loss_fn,
+            self.regressor_, data.features, targets, loss_fn,
             iterations=self.resolved_iterations(), batch_size=self.train_batch_size, lr=self.lr,
             momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed, device=self.device_,
             progress=self.progress, desc="CADA regressor",
         )
         # A regressor far outside its training data may predict gamma <= u; clamp the spread to half the
         # smallest spread seen in training rather than flip or explode the map.
-        spreads = targets[:, 1] - targets[:, 0]
-        self.min_spread_ = max(0.5 * float(spreads.min()), 1e-12)
+        self.min_spread_ = max(0.5 * float((gamma - u).min()), 1e-12)
         self.fitted_ = True
         self.threshold_ = float("nan")
         return self
@@ -217,14 +228,19 @@ class CADA(BaseDetector):
     # ----------------------------------------------------------------- scoring
     def predict_statistics(self, features: Tensor) -> Tensor:
         """(B, 2) predicted (u_hat, gamma_hat) for frozen features of the regressor's stage."""
+        out = self._predict(features)
+        return torch.stack([out[:, 0], out[:, 0] + out[:, 1]], 1)
+
+    def _predict(self, features: Tensor) -> Tensor:
+        """(B, 2) predicted (u_hat, gamma_hat - u_hat)."""
         self._check_fitted()
         with torch.no_grad():
             return self.regressor_(features.to(self.device_).float())
 
     def align(self, maps: Tensor, features: Tensor) -> AnomalyScores:
         """Align base maps with the statistics predicted from the images' features; pool the image scores."""
-        stats = self.predict_statistics(features).to(maps.device)
-        aligned = align_maps(maps.float(), stats[:, 0], stats[:, 1], self.min_spread_)
+        out = self._predict(features).to(maps.device)
+        aligned = align_with_spread(maps.float(), out[:, 0], out[:, 1], self.min_spread_)
         return AnomalyScores(image_score(aligned, self.image_pooling, fraction=self.top_fraction), aligned)
 
     def base_and_features(self, images: Tensor) -> tuple[AnomalyScores, Tensor]:
@@ -314,3 +330,8 @@ class CADA(BaseDetector):
         self.threshold_ = float("nan")
         if not math.isfinite(self.min_spread_):
             raise RuntimeError("the bundle's min_spread is not a finite number")
+
+
+def _scale(values: Tensor) -> Tensor:
+    """Per-column standard deviation, floored so that constant targets do not divide by zero."""
+    return values.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + float(values.abs().max())))

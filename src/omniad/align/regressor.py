@@ -72,10 +72,17 @@ class CADARegressor(nn.Module):
         return self.forward_normalised(features) * self.target_scale + self.target_mean
 
 
-def channel_statistics(features: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and standard deviation of an (N, C, h, w) feature cache (std floored at ``eps``)."""
+def channel_statistics(features: Tensor, floor: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of an (N, C, h, w) feature cache.
+
+    Each channel's std is floored at ``floor`` x the median channel std: a channel that is (nearly) constant on
+    the training images (a dead ReLU, a few training images) would otherwise multiply its test-time values by a
+    huge factor and throw the regressor far outside what it was trained on.
+    """
     x = features.transpose(0, 1).flatten(1).double()
-    return x.mean(1).float(), x.std(1, unbiased=False).clamp_min(eps).float()
+    std = x.std(1, unbiased=False)
+    lowest = max(float(floor * std.median()), 1e-6)
+    return x.mean(1).float(), std.clamp_min(lowest).float()
 
 
 __all__ = ["CADARegressor", "channel_statistics"]

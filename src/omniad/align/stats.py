@@ -88,7 +88,12 @@ def align_maps(maps: Tensor, u: Tensor, gamma: Tensor, min_spread: float = 0.0) 
     Returns:
         (B, H, W) aligned maps.
     """
-    spread = (gamma - u).clamp_min(min_spread) if min_spread > 0 else gamma - u
+    return align_with_spread(maps, u, gamma - u, min_spread)
+
+
+def align_with_spread(maps: Tensor, u: Tensor, spread: Tensor, min_spread: float = 0.0) -> Tensor:
+    """``(map - u) / spread`` with ``spread = gamma - u`` given directly (no cancellation when gamma ~ u)."""
+    spread = spread.clamp_min(min_spread) if min_spread > 0 else spread
     return (maps - u.view(-1, 1, 1)) / spread.view(-1, 1, 1)
 
 
@@ -100,6 +105,7 @@ def _check_target(target: str) -> None:
 __all__ = [
     "TARGETS",
     "align_maps",
+    "align_with_spread",
     "class_statistics",
     "image_statistics",
     "map_moments",
