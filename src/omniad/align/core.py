@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniad.align.stats import map_moments
@@ -85,12 +86,21 @@ class FeatureReader:
         backbone: the frozen Backbone to read.
         index: position of the wanted stage in the backbone's outputs.
         shared: whether ``backbone`` is the base's own (tapped) or the wrapper's.
+        size: average-pool larger feature maps to at most ``size`` x ``size`` (None: keep them as they are).
     """
 
-    def __init__(self, backbone: Backbone, index: int, shared: bool) -> None:
+    def __init__(self, backbone: Backbone, index: int, shared: bool, size: int | None = None) -> None:
         self.backbone = backbone
         self.index = index
         self.shared = shared
+        self.size = size
+
+    def _pool(self, features: Tensor) -> Tensor:
+        if self.size is None:
+            return features
+        h, w = features.shape[-2:]
+        target = (min(h, self.size), min(w, self.size))
+        return features if (h, w) == target else F.adaptive_avg_pool2d(features, target)
 
     @property
     def stage(self) -> int:
@@ -118,11 +128,20 @@ class FeatureReader:
             if handle is not None:
                 handle.remove()
         features = captured[0] if captured else self.backbone(images)[self.index]
-        return result, features
+        return result, self._pool(features)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """The (pooled) features of the wanted stage alone."""
+        return self._pool(self.backbone(images)[self.index])
 
 
 def make_feature_reader(
-    base: BaseDetector, stage: int | None, own: Callable[[int], Backbone], default_stage: int = 3
+    base: BaseDetector,
+    stage: int | None,
+    own: Callable[[int], Backbone],
+    default_stage: int = 3,
+    size: int | None = None,
 ) -> FeatureReader:
     """Choose where the head's features come from: the base's backbone if it has the stage, else ``own(stage)``.
 
@@ -132,16 +151,17 @@ def make_feature_reader(
             or ``default_stage`` of an own backbone.
         own: builds the wrapper's own frozen Backbone for a stage.
         default_stage: stage of the own backbone when ``stage`` is None.
+        size: largest spatial size of the features handed to the head (see ``FeatureReader``).
     """
     backbone = getattr(base, "backbone_", None)
     if isinstance(backbone, Backbone) and _saved_with_base(base, backbone):
         if stage is None:
             index = max(range(len(backbone.stages)), key=lambda i: (backbone.strides[i], backbone.stages[i]))
-            return FeatureReader(backbone, index, shared=True)
+            return FeatureReader(backbone, index, shared=True, size=size)
         if stage in backbone.stages:
-            return FeatureReader(backbone, backbone.stages.index(stage), shared=True)
+            return FeatureReader(backbone, backbone.stages.index(stage), shared=True, size=size)
     stage = default_stage if stage is None else stage
-    return FeatureReader(own(stage), 0, shared=False)
+    return FeatureReader(own(stage), 0, shared=False, size=size)
 
 
 @dataclass

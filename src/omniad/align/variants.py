@@ -135,10 +135,16 @@ class _ClassAwareAlignment:
 
     def _attach_base(self, base: BaseDetector) -> None:
         self.base_ = base
-        self.reader_ = make_feature_reader(base, self._feature_stage(), self._own_backbone) if self.needs_features \
+        self.reader_ = (
+            make_feature_reader(base, self._feature_stage(), self._own_backbone, size=self._feature_size())
+            if self.needs_features
             else None
+        )
 
     def _feature_stage(self) -> int | None:
+        return None
+
+    def _feature_size(self) -> int | None:
         return None
 
     def _own_backbone(self, stage: int) -> Backbone:
@@ -246,6 +252,7 @@ class ClassAwareB(_ClassAwareAlignment):
 
     Args:
         feature_stage: backbone stage the classifier reads (None: the deepest of the base's backbone, else 3).
+        feature_size: larger feature maps are average-pooled to this size (8, as CADA's regressor).
         hidden: hidden width of the classifier's linear layers (256, as the regressor).
         dropout: dropout before each linear layer (0.25, as the regressor).
         iterations: SGD iterations (None: the CADA regressor's paper count for this base).
@@ -263,6 +270,7 @@ class ClassAwareB(_ClassAwareAlignment):
         self,
         *,
         feature_stage: int | None = None,
+        feature_size: int | None = 8,
         hidden: int = 256,
         dropout: float = 0.25,
         iterations: int | None = None,
@@ -274,6 +282,7 @@ class ClassAwareB(_ClassAwareAlignment):
     ) -> None:
         super().__init__(**kwargs)
         self.feature_stage = feature_stage
+        self.feature_size = feature_size
         self.hidden = hidden
         self.dropout = dropout
         self.iterations = iterations
@@ -284,6 +293,9 @@ class ClassAwareB(_ClassAwareAlignment):
 
     def _feature_stage(self) -> int | None:
         return self.feature_stage
+
+    def _feature_size(self) -> int | None:
+        return self.feature_size
 
     def _fit_head(self, data: AlignmentData, categories: list[str]) -> None:
         index = {c: i for i, c in enumerate(self.classes_)}
@@ -310,8 +322,7 @@ class ClassAwareB(_ClassAwareAlignment):
     def predict_categories(self, images: Tensor) -> list[str]:
         """The most probable type of each (B, 3, H, W) image."""
         self._check_fitted()
-        features = self.reader_.backbone(images.to(self.device_))[self.reader_.index]
-        return self.predict_categories_from_features(features)
+        return self.predict_categories_from_features(self.reader_.features(images.to(self.device_)))
 
     def _categories_for(self, features: Tensor | None, categories: Sequence[str] | None) -> list[str]:
         if categories is not None:
