@@ -22,7 +22,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("omniad")
     command = [exe] if exe else [sys.executable, "-m", "omniad.cli"]
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
 
 

@@ -52,7 +52,7 @@ def test_overlay_fixed_range_grey_image_and_resized_map():
 
 def test_save_overlay_writes_the_image_and_leaves_no_temp_files(tmp_path):
     image, amap = torch.rand(3, 10, 10), torch.rand(10, 10)
-    path = save_overlay(tmp_path / "sub" / "a.png", image, amap, vmin=0, vmax=1)
+    path = save_overlay(image, amap, tmp_path / "sub" / "a.png", vmin=0, vmax=1)
     with Image.open(path) as saved:
         np.testing.assert_array_equal(np.asarray(saved), np.asarray(overlay_heatmap(image, amap, 0, 1)))
     assert os.listdir(path.parent) == ["a.png"]

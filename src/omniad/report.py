@@ -97,9 +97,9 @@ def _atomic_save(path: str | os.PathLike, write) -> Path:
 
 
 def save_overlay(
-    path: str | os.PathLike,
     image: Any,
     amap: Any,
+    path: str | os.PathLike,
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.5,

@@ -185,6 +185,7 @@ class BaseDetector:
 
     def predict(self, images: Tensor) -> Tensor:
         """Boolean decisions at the calibrated threshold."""
+        self._check_fitted()
         if not math.isfinite(getattr(self, "threshold_", float("nan"))):
             raise NotFittedError(
                 "this detector has no calibrated threshold: fit with calibration_fraction > 0 or call calibrate()"
