@@ -191,6 +191,15 @@ def test_regressor_shapes_and_normalisation():
     assert CADARegressor(8, 3)(feats).shape == (5, 3)  # the class-aware B classifier
 
 
+def test_feature_reader_pools_large_maps_only():
+    from omniad.align.core import FeatureReader
+
+    reader = FeatureReader(nn.Identity(), 0, shared=False, size=8)
+    big, small = torch.rand(2, 5, 16, 16), torch.rand(2, 5, 4, 4)
+    torch.testing.assert_close(reader._pool(big), torch.nn.functional.avg_pool2d(big, 2))
+    assert reader._pool(small) is small
+
+
 # ----------------------------------------------------------------------------- CADA behaviour
 def test_cada_separates_types_the_base_confuses(two_types):
     train, _, test, labels, _ = two_types

@@ -79,7 +79,7 @@ class CADA(BaseDetector):
         weight_decay: SGD weight decay (paper: 1e-4).
         image_pooling: image score from the aligned map: "top1" (mean of the top ``top_fraction``, the paper's),
             "max" or "maxpool".
-        top_fraction: share of the highest aligned pixel scores averaged into the image score (paper: 1%).
+        top_fraction: share of the highest aligned pixel scores averaged into the image score (paper: 0.01).
         **common: see ``BaseDetector``.
     """
 

@@ -52,7 +52,7 @@ class _ClassAwareAlignment:
         base_params: hyper-parameters of the base.
         target: "max" (gamma_c = mean of per-image maxima, the paper's practice) or "u_sigma" (u_c + 3 sigma_c).
         image_pooling: image score from the aligned map: "top1", "max" or "maxpool".
-        top_fraction: share of the highest aligned pixel scores averaged into the image score (paper: 1%).
+        top_fraction: share of the highest aligned pixel scores averaged into the image score (paper: 0.01).
         calibration_fraction: share of the training images held out for the threshold.
         target_far: false-alarm rate of the threshold on the held-out normals.
         backbone, weights, image_size, device, seed, batch_size, progress: as for ``BaseDetector``; handed on
