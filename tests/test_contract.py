@@ -24,6 +24,8 @@ COMMON = dict(weights=WEIGHTS, image_size=IMAGE_SIZE, batch_size=8, device="cpu"
 TINY: dict[str, dict] = {
     "patchcore": {},
     "padim": {},
+    "revdist": {"preset": "cpu", "iterations": 60},
+    "recontrast": {"preset": "cpu", "iterations": 20},
     "cada": {"base": "padim", "iterations": 50},  # the regressor is what CADA adds; padim is the quickest base
 }
 # Which detectors may score this tiny set near chance with random features (asserted only with real weights).
