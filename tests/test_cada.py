@@ -328,7 +328,8 @@ TINY_BASES: dict[str, dict[str, Any]] = {
     "padim": {},
     "revdist": {"preset": "cpu", "iterations": 4},
     "recontrast": {"preset": "cpu", "iterations": 4},
-    "uniad": {"preset": "cpu", "iterations": 4},
+    "uniad": dict(preset="cpu", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
+                  dim_feedforward=64, feature_stride=8, neighbor_size=3, epochs=2, train_batch_size=8),
 }
 
 
