@@ -276,7 +276,8 @@ def run_base(name: str, set_name: str, train: ImageCache, train_cats: list[str],
         pixels = pixel_rows(test_out.anomaly_maps, light, test_cats)
         rows = {}
         for row, values in report.rows.items():
-            rows[row] = {k: values[k] for k in ("image_auroc", "image_ap", "false_alarm_rate", "miss_rate")}
+            rows[row] = {k: values[k] for k in ("image_auroc", "image_ap", "false_alarm_rate", "miss_rate",
+                                                 "n_normal", "n_defective")}
             rows[row].update(pixels.get(row, {}))
         results[key] = {"rows": rows, "threshold": threshold}
         if key in ("base", "CADA"):
@@ -332,6 +333,16 @@ def stitch(pairs: list[tuple[Path, Path]], out: Path) -> None:
     sheet.save(out)
 
 
+def type_prior_auroc(rows: dict[str, dict[str, Any]], cats: list[str]) -> float:
+    """Mixed image AUROC of a score that knows nothing but each image's type: the type's share of defective
+    test images. What a base gets "for free" when its score offset between types happens to follow the types'
+    defect shares, and what alignment then takes away."""
+    share = {c: rows[c]["n_defective"] / (rows[c]["n_defective"] + rows[c]["n_normal"]) for c in cats}
+    labels = np.concatenate([np.r_[np.zeros(rows[c]["n_normal"]), np.ones(rows[c]["n_defective"])] for c in cats])
+    scores = np.concatenate([np.full(rows[c]["n_normal"] + rows[c]["n_defective"], share[c]) for c in cats])
+    return ranking_metrics(labels, scores)["auroc"]
+
+
 def _pct(v: Any) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
 
@@ -370,6 +381,19 @@ def markdown(per_set: dict[str, dict[str, Any]]) -> str:
                     f"{_pct(mx['pixel_ap'])} | {_pct(mn['image_auroc'])} | {_pct(mn['image_ap'])} | "
                     f"{_pct(mn['pixel_auroc'])} | {_pct(mn['pixel_ap'])} | {delta} |")
         cats = first["categories"]
+        priors = {}
+        for res in bases.values():
+            rows = res["results"]["base"]["rows"]
+            if all("n_normal" in rows[c] for c in cats):
+                counts = tuple((rows[c]["n_normal"], rows[c]["n_defective"]) for c in cats)
+                priors[counts] = type_prior_auroc(rows, cats)
+        if priors:
+            lines += ["", "Reference: a score that knows only each test image's type (its type's share of defective "
+                      "images) reaches a mixed image AUROC of "
+                      + ", ".join(f"{_pct(v)} (test counts normal/defective per type {list(k)})"
+                                  for k, v in priors.items())
+                      + ". A base whose score offset between types follows the defect shares gets that much "
+                      "without detecting anything, and alignment removes it."]
         lines += ["", "### The one normal-only threshold: false-alarm rate / miss rate per type (%)", "",
                   "| base | variant | " + " | ".join(f"{c}" for c in cats) + " | all types |",
                   "|---|---|" + "---|" * (len(cats) + 1)]
