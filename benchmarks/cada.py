@@ -509,7 +509,12 @@ def assemble(out: Path) -> None:
         per_set[set_name] = {b: bases[b] for b in names}
         stitch([(runs / f"{set_name}-{b}-before.png", runs / f"{set_name}-{b}-after.png") for b in names],
                out / f"cada-{set_name}.png")
-    (out / "cada.md").write_text(markdown(per_set))
+    text = markdown(per_set)
+    reading = runs / "READING.md"  # the hand-written reading of these numbers, kept beside the runs
+    if reading.is_file():
+        head, _, rest = text.partition("\n## ")
+        text = head + "\n" + reading.read_text().rstrip() + "\n\n## " + rest
+    (out / "cada.md").write_text(text)
     print((out / "cada.md").read_text())
 
 
