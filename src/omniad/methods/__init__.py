@@ -1,6 +1,6 @@
 """Built-in detectors; importing this package registers them."""
 
-from omniad.methods import padim, patchcore  # noqa: F401  (registration)
+from omniad.methods import padim, patchcore, pmad  # noqa: F401  (registration)
 from omniad.methods.base import BaseDetector, NotFittedError
 
 __all__ = ["BaseDetector", "NotFittedError"]
