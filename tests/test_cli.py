@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     """Run the installed ``omniad`` console script (or ``python -m omniad.cli`` when not installed)."""
     exe = shutil.which("omniad")
     command = [exe] if exe else [sys.executable, "-m", "omniad.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_fit_eval_predict_round_trip(synthetic_root, tmp_path):

@@ -1,7 +1,9 @@
-"""Backbone: a frozen timm feature extractor that takes plain [0, 1] images and applies its own normalisation."""
+"""Backbone: a frozen timm feature extractor that takes plain [0, 1] images and applies its own
+normalisation."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import timm
@@ -25,14 +27,22 @@ class Backbone(nn.Module):
         weights_source: where the weights came from, for reports.
     """
 
-    def __init__(self, name: str = "tf_efficientnet_lite0", stages: Sequence[int] = (1, 2, 3), weights: str = "auto"):
+    def __init__(
+        self,
+        name: str = "tf_efficientnet_lite0",
+        stages: Sequence[int] = (1, 2, 3),
+        weights: str | os.PathLike = "auto",
+    ):
         super().__init__()
         self.name = name
         self.stages = tuple(int(s) for s in stages)
         source, self.weights_source = resolve_weights(name, weights)
         kwargs = dict(features_only=True, out_indices=self.stages)
-        if isinstance(source, str):  # a timm checkpoint file: let timm apply its own filters
-            self.model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": source}, **kwargs)
+        if isinstance(source, str):
+            # a checkpoint from timm's hub cache: timm loads it itself, so its checkpoint filters apply;
+            # source=None makes timm read the file even for a model whose config says "hf-hub".
+            overlay = {"file": source, "source": None}
+            self.model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         else:
             self.model = timm.create_model(name, pretrained=False, **kwargs)
             if source is not None:
@@ -40,8 +50,9 @@ class Backbone(nn.Module):
         cfg = self.model.pretrained_cfg if hasattr(self.model, "pretrained_cfg") else {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
         std = cfg.get("std", (0.229, 0.224, 0.225))
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        for key, value in (("mean", mean), ("std", std)):
+            buffer = torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(key, buffer, persistent=False)
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.strides: list[int] = list(self.model.feature_info.reduction())
         self.requires_grad_(False)
@@ -67,8 +78,8 @@ def _load_features(model: nn.Module, state: dict[str, Tensor], name: str) -> Non
     missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(
-            f"the weights given for {name!r} lack {len(missing)} of its feature tensors (first: {missing[0]}); "
-            "are they for another architecture?"
+            f"the weights given for {name!r} lack {len(missing)} of its feature tensors (first: "
+            f"{missing[0]}); are they for another architecture?"
         )
     bad = [k for k in own if state[k].shape != own[k].shape]
     if bad:

@@ -226,12 +226,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if math.isfinite(threshold):
             vmin = min(vmin, threshold)
         for path, image, amap in maps_for_overlay:
-            save_overlay(image, amap, out / "overlays" / f"{path.stem}.png", vmin=vmin, vmax=vmax)
+            save_overlay(image, amap, out / "overlays" / _overlay_name(path, files), vmin=vmin, vmax=vmax)
     _write_results(rows, out, threshold)
     flagged = sum(1 for r in rows if r["anomalous"])
     print(f"{len(rows)} images scored, {flagged} flagged anomalous at threshold {threshold:.4g}; "
           f"results in {out}/results.csv and results.json")
     return 0
+
+
+def _overlay_name(path: Path, files: list[Path]) -> str:
+    """A unique overlay file name: the image's path relative to the inputs' common folder, '/' -> '_'."""
+    common = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return "_".join(path.relative_to(common).with_suffix(".png").parts)
 
 
 def _write_results(rows: list[dict], out: Path, threshold: float) -> None:

@@ -51,15 +51,15 @@ def run_demo(
     return report
 
 
-def _write_overlays(detector: Any, test: Any, folder: Path, save_overlay: Any, per_category: int = 2) -> None:
-    """One heatmap overlay for a few defective test images of each category, on one colour scale."""
+def _write_overlays(detector: Any, test: Any, folder: Path, save_overlay: Any) -> None:
+    """One heatmap overlay per (category, defect type) of the test set, on one colour scale."""
     import torch
 
-    chosen: dict[str, list[int]] = {}
+    chosen: dict[tuple[str, str], int] = {}
     for i, record in enumerate(test.samples):
-        if record.label == 1 and len(chosen.setdefault(record.category, [])) < per_category:
-            chosen[record.category].append(i)
-    indices = [i for ids in chosen.values() for i in ids]
+        if record.label == 1:
+            chosen.setdefault((record.category, record.defect_type), i)
+    indices = list(chosen.values())
     if not indices:
         return
     samples = [test[i] for i in indices]

@@ -56,6 +56,8 @@ def save_detector(detector: Any, path: str | os.PathLike) -> Path:
 
 
 def _swap_in(staging: Path, target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise BundleError(f"{target} exists and is a file, not an omniad model folder; refusing to overwrite it")
     if target.exists() and not (target / CONFIG_FILE).exists() and any(target.iterdir()):
         raise BundleError(f"{target} exists and is not an omniad model folder; refusing to overwrite it")
     if not target.exists():
@@ -64,7 +66,11 @@ def _swap_in(staging: Path, target: Path) -> None:
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rmdir(retired)
     os.replace(target, retired)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(retired, target)  # put the previous good bundle back where it stood
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 
@@ -80,7 +86,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{config_path} is corrupt: {err}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if not isinstance(config, dict):
+        raise BundleError(f"{config_path} is not an omniad model config (a JSON {type(config).__name__})")
+    if config.get("format") != FORMAT:
         raise BundleError(f"{config_path} is not an omniad model config (format {config.get('format')!r})")
     if config.get("format_version") != FORMAT_VERSION:
         raise BundleError(
@@ -102,11 +110,18 @@ def load_detector(path: str | os.PathLike, device: str | None = None):
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises several types for corrupt headers
         raise BundleError(f"{weights_path} is corrupt: {err}") from None
-    params = dict(config["params"])
+    params = config.get("params")
+    if not isinstance(params, dict) or not isinstance(config.get("method"), str):
+        raise BundleError(f"{folder / CONFIG_FILE} lacks the method name or its parameters")
+    params = dict(params)
     if device is not None:
         params["device"] = device
-    params["progress"] = params.get("progress", True)
-    detector = detector_class(config["method"])(**_tuples(params))
+    try:
+        detector = detector_class(config["method"])(**_tuples(params))
+    except KeyError as err:  # unknown method: the message lists the known ones
+        raise BundleError(f"{folder}: {err.args[0]}") from None
+    except TypeError as err:  # parameters this version of the method does not have
+        raise BundleError(f"{folder}: its parameters do not fit method {config['method']!r}: {err}") from None
     meta = config.get("meta") or {}
     try:
         detector.load_state(meta, tensors)

@@ -26,18 +26,31 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
     return kernel / kernel.sum()
 
 
+def _symmetric_index(n: int, radius: int, device: torch.device) -> Tensor:
+    """Source index of each position of a length-``n`` axis padded by ``radius`` on both sides, reflected about
+    the edge *including* the edge sample (``d c b a | a b c d | d c b a``): scipy.ndimage's default "reflect"
+    mode (numpy's "symmetric"). Periodic, so it works for any ``radius``, even one larger than ``n``."""
+    idx = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(idx < n, idx, 2 * n - 1 - idx)
+
+
 def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with reflected borders; ``sigma <= 0`` returns the input."""
+    """Separable Gaussian blur of (B, H, W) maps; ``sigma <= 0`` returns the input.
+
+    Matches ``scipy.ndimage.gaussian_filter(map, sigma)`` with its defaults (mode "reflect", truncate 4), which is
+    what the reference PatchCore/PaDiM code smooths with. Note that torch's ``F.pad(mode="reflect")`` is scipy's
+    "mirror" (edge not repeated), so the borders are gathered by index instead; this also works for maps smaller
+    than the kernel.
+    """
     if sigma <= 0:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
     radius = kernel.numel() // 2
+    h, w = maps.shape[-2:]
     x = maps.unsqueeze(1)
-    # reflect padding needs pad < size; fall back to replicate for tiny maps
-    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
-    x = F.pad(x, (radius, radius, 0, 0), mode=mode)
+    x = x.index_select(3, _symmetric_index(w, radius, maps.device))
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, radius, radius), mode=mode)
+    x = x.index_select(2, _symmetric_index(h, radius, maps.device))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]
 
@@ -45,7 +58,8 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
 def top_fraction_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
     """Image score = mean of the top ``fraction`` of each map's values (at least one value)."""
     flat = maps.flatten(1)
-    k = max(1, int(math.ceil(fraction * flat.shape[1])))
+    # round first: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling would be 8
+    k = max(1, math.ceil(round(fraction * flat.shape[1], 6)))
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 

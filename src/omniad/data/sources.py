@@ -41,6 +41,8 @@ def as_image_dataset(data: Any) -> Dataset:
         if data.dim() != 4 or data.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(data.shape)}")
         return ImagesOnly(list(data.unbind(0)))
+    if isinstance(data, (str, bytes)):  # a str is a Sequence: catch a folder path passed by mistake
+        raise TypeError(f"cannot read images from the string {data!r}; for a folder use omniad.data.MVTecDataset")
     if isinstance(data, (Dataset, Sequence)):
         return ImagesOnly(data)
     raise TypeError(f"cannot read images from a {type(data).__name__}; pass a dataset, a list or a tensor")
@@ -48,6 +50,8 @@ def as_image_dataset(data: Any) -> Dataset:
 
 def split_holdout(images: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """Split off a seeded random share ``fraction`` of the images (None when too few to hold any out)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
     n = len(images)
     n_hold = int(round(fraction * n))
     if fraction <= 0 or n_hold < 1 or n - n_hold < 1:

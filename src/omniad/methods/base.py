@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,7 @@ class BaseDetector:
         Returns:
             self, fitted.
         """
+        started = time.perf_counter()
         seed_everything(self.seed)
         self.device_ = resolve_device(self.device)
         images = as_image_dataset(data)
@@ -129,6 +131,7 @@ class BaseDetector:
         self.threshold_ = float("nan")
         if holdout is not None:
             self.calibrate(holdout)
+        self.fit_seconds_ = time.perf_counter() - started  # whole fit, calibration included (for reports)
         return self
 
     def calibrate(self, normal_images: Any, target_far: float | None = None) -> float:
@@ -182,6 +185,7 @@ class BaseDetector:
 
     def predict(self, images: Tensor) -> Tensor:
         """Boolean decisions at the calibrated threshold."""
+        self._check_fitted()
         if not math.isfinite(getattr(self, "threshold_", float("nan"))):
             raise NotFittedError(
                 "this detector has no calibrated threshold: fit with calibration_fraction > 0 or call calibrate()"

@@ -39,7 +39,15 @@ class PaDiMNet(nn.Module):
         return emb.flatten(2).transpose(1, 2)
 
     def forward(self, images: Tensor) -> Tensor:
-        diff = self.embed(images) - self.mean
+        """(B, 3, H, W) -> (B, h, w) Mahalanobis distances to each position's Gaussian."""
+        emb = self.embed(images)
+        if emb.shape[1] != self.mean.shape[0]:
+            # one Gaussian per position: other image sizes give another grid (and an opaque einsum error)
+            raise ValueError(
+                f"PaDiM was fitted on images whose feature grid is {self.grid[0]}x{self.grid[1]}; images of size "
+                f"{tuple(images.shape[-2:])} give another grid: score images of the training size"
+            )
+        diff = emb - self.mean
         d2 = torch.einsum("bpc,pcd,bpd->bp", diff, self.precision, diff).clamp_min(0)
         return d2.sqrt().view(images.shape[0], *self.grid)
 

@@ -1,0 +1,179 @@
+"""Read images and masks from disk into [0, 1] tensors, and resize them under the pinned protocol.
+
+Every file problem becomes an ``ImageReadError`` that names the file and what is wrong with it. Truncated
+files are errors: Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off, and PNGs, which Pillow decodes without
+looking at their end, are checked for a complete ``IEND`` chunk and valid chunk CRCs.
+
+Pixel values are scaled by the range of their storage type, never by the image's own min/max, so that
+intensities stay comparable between images: 8-bit / 255, 16-bit / 65535. EXIF orientation is deliberately NOT
+applied, so that images stay pixel-aligned with their masks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Modes Pillow can turn into RGB without losing meaning (alpha is dropped, not composited: a transparent
+# pixel keeps its colour, which is what inspection images with a stray alpha channel need).
+_TO_RGB_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+class ImageReadError(ValueError):
+    """An image or mask file that cannot be read; the message names the file and the problem."""
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode ``path``, turning every failure into an ``ImageReadError``."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read file ({err})") from err
+    if not data:
+        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as err:
+        raise ImageReadError(
+            f"{path}: not an image Pillow can identify (wrong format or corrupt header)"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"{path}: cannot open image ({err})") from err
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"{path}: truncated or corrupt {image.format} image ({err})") from err
+    if image.format == "PNG":
+        _check_png_complete(path, data)
+    if image.width == 0 or image.height == 0:
+        raise ImageReadError(f"{path}: image has zero size {image.width}x{image.height}")
+    return image
+
+
+def _check_png_complete(path: Path, data: bytes) -> None:
+    """Pillow stops reading a PNG after its pixel data; a file cut after that point still decodes."""
+    if data.rfind(_PNG_IEND) < 0:
+        raise ImageReadError(f"{path}: truncated PNG (no complete IEND chunk at the end)")
+    try:
+        Image.open(io.BytesIO(data)).verify()
+    except Exception as err:  # noqa: BLE001 - verify raises assorted types for assorted damage
+        raise ImageReadError(f"{path}: corrupt PNG ({err})") from err
+
+
+def _to_unit_array(image: Image.Image, path: Path) -> np.ndarray:
+    """(H, W) or (H, W, C) float32 array in [0, 1], scaled by the storage type's range."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(image).astype(np.float32) / 65535.0
+    if mode == "I":
+        # 32-bit integer: what older Pillow made of 16-bit PNGs, and what 16-bit TIFFs can arrive as.
+        values = np.asarray(image)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ImageReadError(
+                f"{path}: 32-bit integer image with values {low}..{high}; only 0..65535 (16-bit) is supported"
+            )
+        return values.astype(np.float32) / 65535.0
+    if mode == "F":
+        values = np.asarray(image).astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ImageReadError(f"{path}: floating-point image contains NaN or infinity")
+        low, high = float(values.min()), float(values.max())
+        if low < 0:
+            raise ImageReadError(f"{path}: floating-point image has negative values (min {low})")
+        # Float images carry no range; assume [0, 1], else the smallest integer range that holds them.
+        scale = 1.0 if high <= 1.0 else 255.0 if high <= 255.0 else 65535.0 if high <= 65535.0 else None
+        if scale is None:
+            raise ImageReadError(f"{path}: floating-point image with values up to {high}; expected <= 65535")
+        return values / scale
+    if mode == "1":
+        return np.asarray(image, dtype=np.float32)
+    if mode == "L":
+        return np.asarray(image).astype(np.float32) / 255.0
+    if mode == "LA":
+        return np.asarray(image)[..., 0].astype(np.float32) / 255.0
+    if mode in _TO_RGB_MODES:
+        return np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+    raise ImageReadError(f"{path}: unsupported image mode {mode!r}")
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as a (3, H, W) float32 tensor in [0, 1].
+
+    PNG, JPEG, BMP and TIFF; 8- and 16-bit; grayscale is replicated to 3 channels; alpha is dropped; palette,
+    CMYK and other colour modes are converted to RGB. Multi-frame files yield their first frame.
+
+    Raises:
+        ImageReadError: the file is missing, empty, not an image, truncated or corrupt, or of an
+            unsupported mode.
+    """
+    path = Path(path)
+    array = _to_unit_array(_open(path), path)
+    if array.ndim == 2:
+        array = np.repeat(array[None], 3, axis=0)
+    else:
+        array = array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).clamp_(0.0, 1.0)
+
+
+def read_mask(path: str | os.PathLike) -> Tensor:
+    """Read a ground-truth mask as an (H, W) float32 tensor of 0/1: any nonzero value (any channel) is defect.
+
+    Raises:
+        ImageReadError: as for ``read_image``.
+    """
+    path = Path(path)
+    image = _open(path)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" else "RGB")  # palette index 0 need not be black
+    values = np.asarray(image)
+    if values.ndim == 3:
+        # Alpha is not ground truth: an opaque black mask pixel is normal.
+        colour_channels = {"LA": 1, "La": 1, "RGBA": 3, "RGBa": 3}.get(image.mode, values.shape[2])
+        values = values[..., :colour_channels].any(axis=2)
+    return torch.from_numpy(np.ascontiguousarray(values != 0, dtype=np.float32))
+
+
+def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def resize_image(image: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Resize a (3, H, W) or (B, 3, H, W) image to ``size`` (int: square), bilinear, antialiased."""
+    height, width = _size_hw(size)
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    batch = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    out = out.clamp_(0.0, 1.0)
+    return out if image.dim() == 4 else out[0]
+
+
+def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Resize an (H, W) mask like its image (bilinear, antialiased), then binarise at > 0.5 (the protocol)."""
+    height, width = _size_hw(size)
+    if tuple(mask.shape[-2:]) == (height, width):
+        return (mask > 0.5).float()
+    out = F.interpolate(
+        mask.float()[None, None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )[0, 0]
+    return (out > 0.5).float()

@@ -1,0 +1,127 @@
+"""PatchCore: the coreset search, nearest-neighbour distances, patch aggregation, bank size, defect ranking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniad import create_detector
+from omniad.methods.patchcore import aggregate_patches, greedy_coreset, nearest_distances
+
+
+def _naive_greedy(x: torch.Tensor, n_select: int, first: int) -> list[int]:
+    """Textbook k-center greedy: repeatedly add the point farthest from the chosen set."""
+    chosen = [first]
+    while len(chosen) < n_select:
+        d = torch.cdist(x.double(), x[chosen].double()).min(dim=1).values
+        chosen.append(int(d.argmax()))
+    return chosen
+
+
+def _coverage(x: torch.Tensor, index) -> float:
+    """Max over points of the distance to the nearest selected point (what k-center minimises)."""
+    return float(torch.cdist(x, x[index]).min(dim=1).values.max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_coreset_equals_naive_reference_without_projection(seed):
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(10 + seed))
+    index = greedy_coreset(x, 25, projection_dim=0, seed=seed)
+    first = int(torch.randint(200, (1,), generator=torch.Generator().manual_seed(seed)))
+    assert index.tolist() == _naive_greedy(x, 25, first)
+    assert len(set(index.tolist())) == 25
+    # projection_dim >= dim also means no projection
+    assert greedy_coreset(x, 25, projection_dim=6, seed=seed).tolist() == index.tolist()
+
+
+@pytest.mark.parametrize("projection_dim", [0, 16])
+def test_greedy_coreset_covers_better_than_random(projection_dim):
+    """One big cluster and many small far ones: random picks mostly miss the small ones, k-center does not."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(15, 32, generator=g) * 10
+    big = torch.randn(500, 32, generator=g) * 0.5
+    small = (centres[:, None, :] + 0.1 * torch.randn(15, 3, 32, generator=g)).reshape(-1, 32)
+    x = torch.cat([big, small])
+    n = 20
+    greedy = _coverage(x, greedy_coreset(x, n, projection_dim=projection_dim, seed=0))
+    random_cover = min(_coverage(x, torch.randperm(len(x), generator=g)[:n]) for _ in range(10))
+    assert greedy < random_cover / 2
+
+
+def test_greedy_coreset_sizes_and_seed():
+    x = torch.randn(50, 4)
+    assert greedy_coreset(x, 100, projection_dim=0).shape == (50,)  # capped at N
+    assert greedy_coreset(x, 0, projection_dim=0).shape == (1,)  # at least one
+    a, b = greedy_coreset(x, 10, 2, seed=5), greedy_coreset(x, 10, 2, seed=5)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_nearest_distances_equals_cdist(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    queries, bank = torch.randn(50, 16, generator=g), torch.randn(23, 16, generator=g)
+    expected = torch.cdist(queries, bank).min(dim=1).values
+    torch.testing.assert_close(nearest_distances(queries, bank, chunk=chunk), expected, atol=1e-4, rtol=1e-4)
+    # a query equal to a bank row is at distance ~0 (no NaN from a tiny negative square)
+    d = nearest_distances(bank[:3], bank, chunk=chunk)
+    assert torch.isfinite(d).all() and d.max() < 1e-2
+    assert nearest_distances(queries[:0], bank).shape == (0,)
+
+
+def test_aggregate_patches_shapes_and_local_average():
+    f1, f2 = torch.rand(2, 4, 8, 8), torch.rand(2, 6, 4, 4)
+    out = aggregate_patches([f1, f2], patch_size=3)
+    assert out.shape == (2, 10, 8, 8)
+    # first stage: a 3x3 mean that ignores padding -> the interior equals a plain 3x3 average
+    torch.testing.assert_close(out[:, :4, 1:-1, 1:-1], F.avg_pool2d(f1, 3, stride=1))
+    # corner uses only the 4 real neighbours
+    torch.testing.assert_close(out[:, :4, 0, 0], f1[:, :, :2, :2].mean(dim=(2, 3)))
+    assert aggregate_patches([f1], patch_size=1).equal(f1)
+
+
+SIZE = 32
+COMMON = dict(weights="random", image_size=SIZE, device="cpu", progress=False, batch_size=8, calibration_fraction=0.0,
+              stages=(1, 2), projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def normals():
+    g = torch.Generator().manual_seed(0)
+    base = 0.4 + 0.05 * torch.rand(1, 3, SIZE, SIZE, generator=g)
+    return (base + 0.02 * torch.rand(8, 3, SIZE, SIZE, generator=g)).clamp(0, 1)
+
+
+def _patches_per_image():
+    # stride-4 grid of the first stage at 32 px
+    return (SIZE // 4) ** 2
+
+
+def test_bank_size_follows_ratio_cap_and_candidates(normals):
+    n_patches = len(normals) * _patches_per_image()
+    det = create_detector("patchcore", coreset_ratio=0.25, **COMMON).fit(normals)
+    assert det.net_.memory_bank.shape[0] == round(0.25 * n_patches)
+    det = create_detector("patchcore", coreset_ratio=0.25, max_bank_size=10, **COMMON).fit(normals)
+    assert det.net_.memory_bank.shape[0] == 10
+    det = create_detector("patchcore", coreset_ratio=0.5, coreset_candidates=40, **COMMON).fit(normals)
+    assert det.net_.memory_bank.shape[0] == 40  # cannot keep more than the candidates searched
+    assert det.net_.memory_bank.shape[1] == sum(det.backbone_.channels)
+
+
+def test_bank_rows_are_training_patches(normals):
+    det = create_detector("patchcore", coreset_ratio=0.1, **COMMON).fit(normals)
+    patches = det.net_.embed(normals).permute(0, 2, 3, 1).reshape(-1, det.net_.memory_bank.shape[1])
+    d = torch.cdist(det.net_.memory_bank, patches, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert d.max() < 1e-4
+
+
+def test_defect_scores_higher_than_normals(normals):
+    det = create_detector("patchcore", coreset_ratio=0.25, image_pooling="max", **COMMON).fit(normals)
+    g = torch.Generator().manual_seed(1)
+    test = (normals[:4] + 0.01 * torch.rand(4, 3, SIZE, SIZE, generator=g)).clamp(0, 1)
+    defect = test.clone()
+    defect[:, :, 12:20, 12:20] = 1.0  # a bright square
+    good, bad = det.score(test), det.score(defect)
+    assert bad.image_scores.min() > good.image_scores.max()
+    assert bad.anomaly_maps.shape == (4, SIZE, SIZE)
+    # (no localisation check: random-init stage features spread a defect over the whole 32 px image)
