@@ -175,9 +175,10 @@ def test_detector_masks_the_top_m_percent_by_prototype_distance_first(fitted, im
 
     fitted.net_.forward = spy
     try:
-        scores, distances = fitted.patch_scores(images[10:])
+        variants = fitted.patch_score_variants(images[10:])
     finally:
         del fitted.net_.forward
+    scores, distances = variants["entropy"], variants["prototype"]
     k = num_masked(16, fitted.mask_ratio)
     top = distances.topk(k, dim=1).indices
     expected = torch.zeros_like(seen[0]).scatter_(1, top, True)
@@ -201,13 +202,20 @@ def test_detector_save_load_identical_scores(fitted, images, tmp_path):
 def test_detector_is_seed_deterministic_and_scoring_is_selectable(fitted, images):
     again = create_detector("pmad", **TINY).fit(images[:10])
     torch.testing.assert_close(again.score(images[10:]).image_scores, fitted.score(images[10:]).image_scores)
-    fitted.scoring = "cross_entropy"
+    assert fitted.scoring == "cross_entropy" and fitted.prototype_weighting
+    weighted, distances = fitted.patch_scores(images[10:])
+    fitted.scoring, fitted.prototype_weighting = "entropy", False
     try:
-        ce, _ = fitted.patch_scores(images[10:])
+        entropy, _ = fitted.patch_scores(images[10:])
     finally:
-        fitted.scoring = "entropy"
-    ent, _ = fitted.patch_scores(images[10:])
-    assert not torch.allclose(ce, ent)
+        fitted.scoring, fitted.prototype_weighting = "cross_entropy", True
+    variants = fitted.patch_score_variants(images[10:])
+    torch.testing.assert_close(weighted, variants["cross_entropy"] * distances)
+    torch.testing.assert_close(entropy, variants["entropy"])
+    assert not torch.allclose(variants["entropy"], variants["cross_entropy"])
+    both = fitted.score_variants(images[10:])
+    assert set(both) == {"entropy", "cross_entropy", "prototype", "entropy*prototype", "cross_entropy*prototype"}
+    torch.testing.assert_close(both["cross_entropy*prototype"].image_scores, fitted.score(images[10:]).image_scores)
 
 
 def test_presets_and_bad_parameters():
