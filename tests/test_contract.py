@@ -24,6 +24,8 @@ COMMON = dict(weights=WEIGHTS, image_size=IMAGE_SIZE, batch_size=8, device="cpu"
 TINY: dict[str, dict] = {
     "patchcore": {},
     "padim": {},
+    "revdist": {"preset": "cpu", "iterations": 60},
+    "recontrast": {"preset": "cpu", "iterations": 20},
     "pmad": dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=4, num_prototypes=64),
 }
 # Which detectors may score this tiny set near chance with random features (asserted only with real weights).

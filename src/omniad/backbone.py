@@ -55,6 +55,7 @@ class Backbone(nn.Module):
             self.register_buffer(key, buffer, persistent=False)
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.strides: list[int] = list(self.model.feature_info.reduction())
+        self.model.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 
@@ -68,7 +69,10 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) images in [0, 1] -> one (B, C_i, H / s_i, W / s_i) map per stage."""
-        return list(self.model(self.normalize(images)))
+        # channels-last runs the depthwise convolutions of EfficientNet/MobileNet ~1.6x faster on a CPU (measured,
+        # lite0, 16 x 256 px); outputs are made contiguous again so that callers may .view() them.
+        x = self.normalize(images).contiguous(memory_format=torch.channels_last)
+        return [f.contiguous() for f in self.model(x)]
 
 
 def _load_features(model: nn.Module, state: dict[str, Tensor], name: str) -> None:

@@ -2,5 +2,7 @@
 
 from omniad.methods import padim, patchcore, pmad  # noqa: F401  (registration)
 from omniad.methods.base import BaseDetector, NotFittedError
+from omniad.methods.recontrast import Recontrast
+from omniad.methods.revdist import RevDist
 
-__all__ = ["BaseDetector", "NotFittedError"]
+__all__ = ["BaseDetector", "NotFittedError", "RevDist", "Recontrast"]

@@ -1,0 +1,214 @@
+"""ReContrast detector ("recontrast"): fit loop with a trainable encoder copy, hard mining, presets."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from omniad.backbone import Backbone
+from omniad.methods.recontrast.network import RecontrastNet, hard_mining_alpha, recontrast_loss
+from omniad.methods.revdist.detector import RevDist, batch_indices, progress_bar
+from omniad.methods.revdist.network import anomaly_map
+from omniad.postprocess import image_score
+from omniad.registry import register_detector
+from omniad.types import AnomalyScores
+
+# paper: the Dinomaly authors' multi-class ReContrast setting with RD's WideResNet-50 depths, whole encoder
+#        trainable.
+# cpu:   measured on a 2-core shared CPU with tf_efficientnet_lite0 at 256 px: the trainable encoder's
+#        forward + backward dominates (~5-10 s per batch of 8 under load, vs ~1 s for the small decoder), so
+#        the preset keeps the stem and first returned stage shared with the frozen encoder (no backward
+#        through the 64x64 maps), one residual block per stage, batch 8 and 200 iterations. What it costs is
+#        in benchmarks/results/rdrc.md.
+RECONTRAST_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "iterations": 5000,
+        "train_batch_size": 16,
+        "bottleneck_blocks": 3,
+        "decoder_blocks": (6, 4, 3),
+        "encoder_frozen_stages": 0,
+    },
+    "cpu": {
+        "iterations": 200,
+        "train_batch_size": 8,
+        "bottleneck_blocks": 1,
+        "decoder_blocks": (1, 1, 1),
+        "encoder_frozen_stages": 1,
+    },
+}
+
+
+def freeze_leading_stages(encoder: Backbone, stages: int) -> None:
+    """Stop gradients to the stem and the layers up to and including the encoder's ``stages``-th returned
+    stage (timm's feature module order), so those layers stay identical to the frozen encoder's."""
+    if stages <= 0:
+        return
+    modules = encoder.model.feature_info.module_name()
+    if stages > len(modules):
+        raise ValueError(f"encoder_frozen_stages={stages} but the encoder returns only {len(modules)} stages")
+    prefix = modules[stages - 1] + "."
+    named = list(encoder.model.named_parameters())
+    last = max((i for i, (name, _) in enumerate(named) if name.startswith(prefix)), default=-1)
+    if last < 0:
+        raise ValueError(f"cannot find the parameters of the encoder stage {modules[stages - 1]!r}")
+    for _, param in named[: last + 1]:
+        param.requires_grad_(False)
+
+
+class FirstVisitCache:
+    """Images and frozen-encoder maps of a training set, computed the first time each image is drawn and kept.
+
+    The trainable encoder needs the images at every step, so only the images and the frozen branch can be
+    cached. Filling the cache on first visit means a short CPU run (fewer draws than images) never decodes or
+    encodes images it does not use, and a long run pays once per image, like ``extract_features``.
+    """
+
+    def __init__(self, images: torch.utils.data.Dataset, backbone: nn.Module, device: torch.device) -> None:
+        self.images, self.backbone, self.device = images, backbone, device
+        self.store: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    @torch.no_grad()
+    def get(self, index: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(B, 3, H, W) images and the frozen encoder's maps for these dataset indices, on the device."""
+        missing = [i for i in index.tolist() if i not in self.store]
+        if missing:
+            pictures = torch.stack([self.images[i] for i in missing]).to(self.device)
+            maps = self.backbone(pictures)
+            for j, i in enumerate(missing):
+                self.store[i] = (pictures[j].cpu(), [m[j].cpu() for m in maps])
+        items = [self.store[i] for i in index.tolist()]
+        pictures = torch.stack([item[0] for item in items]).to(self.device)
+        maps = [torch.stack([item[1][k] for item in items]).to(self.device) for k in range(len(items[0][1]))]
+        return pictures, maps
+
+
+@register_detector("recontrast")
+class Recontrast(RevDist):
+    """ReContrast: anomaly detection via contrastive reconstruction (Guo et al., NeurIPS 2023).
+
+    Reverse Distillation with two encoders: a frozen pretrained one and a trainable copy (small learning rate,
+    BatchNorm kept in eval mode). One bottleneck and decoder read both; the decoder run from the trainable
+    encoder's maps must rebuild the frozen encoder's maps and vice versa. The loss is the global cosine
+    distance between each flattened encoder map and its reconstruction, with hard mining: points reconstructed
+    better than mean + alpha x std have their gradient scaled by ``hm_factor``, alpha ramping from
+    ``hm_alpha_start`` to ``hm_alpha_end`` over the first ``hm_warmup`` share of the iterations. The anomaly
+    map is the sum of the per-location cosine distances over both branches and all stages, up-sampled and
+    blurred (sigma 4); the image score is the mean of the top 1% of the map.
+
+    The trainable encoder cannot train on a feature cache: every step runs it forward and backward on the
+    images. What can be cached is, once per image, on first draw (``FirstVisitCache``): the images themselves
+    and the frozen encoder's maps (on the CPU, float32: about 0.8 + 0.6 MB per 256-px image with lite0).
+    ``encoder_frozen_stages`` (the "cpu" preset) also saves the backward pass through the early
+    high-resolution layers.
+
+    Args:
+        encoder_lr: learning rate of the trainable encoder (1e-5).
+        amsgrad: AdamW's AMSGrad variant (the multi-class setting uses it).
+        lr_decay_at: share of the iterations after which all learning rates are multiplied by ``lr_decay``.
+        lr_decay: that factor (0.2).
+        hm_alpha_start: hard-mining alpha at the first iteration (-3: almost nothing is down-weighted).
+        hm_alpha_end: alpha after the warm-up (1: points below mean + 1 std are down-weighted).
+        hm_warmup: share of the iterations over which alpha ramps up (0.1).
+        hm_factor: gradient factor of the easy points (0: ignored).
+        encoder_frozen_stages: returned encoder stages (with everything before them) kept frozen in the
+            trainable copy (paper 0: all trainable; cpu 1).
+        **kwargs: ``RevDist`` arguments (preset, stages, iterations, train_batch_size, lr, betas,
+            weight_decay, widths and depths, sigma, pooling) and ``BaseDetector`` arguments.
+
+    Attributes:
+        backbone_: the frozen ``Backbone``.
+        net_: the trained ``RecontrastNet`` (its ``encoder`` is the trained encoder copy).
+        loss_history_: training loss of every iteration (not saved).
+    """
+
+    presets = RECONTRAST_PRESETS
+
+    def __init__(
+        self,
+        *,
+        encoder_lr: float = 1e-5,
+        amsgrad: bool = True,
+        lr_decay_at: float = 0.8,
+        lr_decay: float = 0.2,
+        hm_alpha_start: float = -3.0,
+        hm_alpha_end: float = 1.0,
+        hm_warmup: float = 0.1,
+        hm_factor: float = 0.0,
+        encoder_frozen_stages: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.encoder_lr = encoder_lr
+        self.amsgrad = amsgrad
+        self.lr_decay_at = lr_decay_at
+        self.lr_decay = lr_decay
+        self.hm_alpha_start = hm_alpha_start
+        self.hm_alpha_end = hm_alpha_end
+        self.hm_warmup = hm_warmup
+        self.hm_factor = hm_factor
+        if encoder_frozen_stages is None:
+            encoder_frozen_stages = self.presets[self.preset]["encoder_frozen_stages"]
+        self.encoder_frozen_stages = int(encoder_frozen_stages)
+
+    # ----------------------------------------------------------------- modules
+    def _make_net(self, channels: Sequence[int], strides: Sequence[int]) -> RecontrastNet:
+        encoder = copy.deepcopy(self.backbone_)
+        encoder.requires_grad_(True)
+        freeze_leading_stages(encoder, self.encoder_frozen_stages)
+        return RecontrastNet(
+            encoder,
+            channels,
+            strides,
+            embed_channels=self.embed_channels,
+            bottleneck_blocks=self.bottleneck_blocks,
+            decoder_blocks=self.decoder_blocks,
+            width_ratio=self.width_ratio,
+            decoder_activation=self.decoder_activation,
+        )
+
+    # ----------------------------------------------------------------- fitting
+    def _fit(self, images: torch.utils.data.Dataset) -> None:
+        self._build({})
+        cache = FirstVisitCache(images, self.backbone_.eval(), self.device_)
+        encoder_params = [p for p in self.net_.encoder.parameters() if p.requires_grad]
+        encoder_ids = {id(p) for p in self.net_.encoder.parameters()}
+        other_params = [p for p in self.net_.parameters() if id(p) not in encoder_ids]
+        groups = [{"params": other_params}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": self.encoder_lr})
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, amsgrad=self.amsgrad
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[int(self.iterations * self.lr_decay_at)], gamma=self.lr_decay
+        )
+        generator = torch.Generator().manual_seed(self.seed)
+        self.net_.train()
+        self.loss_history_: list[float] = []
+        bar = progress_bar(self.iterations, self.progress, "recontrast training")
+        try:
+            for it, index in enumerate(batch_indices(len(images), self.train_batch_size, self.iterations, generator)):
+                alpha = hard_mining_alpha(it, self.iterations, self.hm_alpha_start, self.hm_alpha_end, self.hm_warmup)
+                targets, recons = self.net_(*cache.get(index))
+                loss = recontrast_loss(targets, recons, alpha, self.hm_factor)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                self.loss_history_.append(float(loss.detach()))
+                bar.update()
+                bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
+        finally:
+            bar.close()
+            self.net_.eval()
+
+    # ----------------------------------------------------------------- scoring
+    def _score(self, images: Tensor) -> AnomalyScores:
+        self.net_.eval()
+        targets, recons = self.net_(images, self.backbone_(images))
+        maps = anomaly_map(targets, recons, tuple(images.shape[-2:]), self.sigma)
+        return AnomalyScores(image_score(maps, self.pooling), maps)
