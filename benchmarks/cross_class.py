@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch.utils.data import Subset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
 from omniad import create_detector, list_detectors
 from omniad.data import MVTecDataset, make_synthetic_dataset
 from omniad.data.protocols import cross_class_split
@@ -36,7 +37,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 # CPU settings of each method in this benchmark (the detectors' defaults stay the papers').
 CPU_SETTINGS: dict[str, dict] = {
     "pmad": {"preset": "cpu"},
-    "patchcore": {"coreset_ratio": 0.01, "max_bank_size": 20000},
+    "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000},
     "uniad": {"preset": "cpu"},
 }
 REAL_SPLITS = ("magnetic_tile->kolektor", "kolektor->magnetic_tile")
