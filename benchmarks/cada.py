@@ -48,7 +48,7 @@ BASES = ["revdist", "recontrast", "uniad", "patchcore", "padim"]
 BASE_SETTINGS: dict[str, dict[str, Any]] = {
     "revdist": {"preset": "cpu", "iterations": 150},
     "recontrast": {"preset": "cpu", "iterations": 60},
-    "uniad": {"preset": "cpu"},
+    "uniad": {"preset": "cpu", "image_pooling": "top1"},
     "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000, "max_bank_size": 3000, "image_pooling": "top1"},
     "padim": {"image_pooling": "top1"},
 }
