@@ -330,6 +330,7 @@ TINY_BASES: dict[str, dict[str, Any]] = {
     "recontrast": {"preset": "cpu", "iterations": 4},
     "uniad": dict(preset="cpu", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
                   dim_feedforward=64, feature_stride=8, neighbor_size=3, epochs=2, train_batch_size=8),
+    "pmad": dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=2, num_prototypes=16),
 }
 
 
