@@ -29,6 +29,8 @@ TINY: dict[str, dict] = {
                   output_bias_init="mean"),
     "revdist": {"preset": "cpu", "iterations": 60},
     "recontrast": {"preset": "cpu", "iterations": 20},
+    "cada": {"base": "padim", "iterations": 50},  # the regressor is what CADA adds; padim is the quickest base
+    "pmad": dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=4, num_prototypes=64),
 }
 # Which detectors may score this tiny set near chance with random features (asserted only with real weights).
 MIN_AUROC = 0.7 if WEIGHTS == "offline" else 0.5

@@ -1,0 +1,221 @@
+"""Cross-class (one-for-all) benchmark: train on the normal images of the *seen* types, test on *unseen* types.
+
+    python benchmarks/cross_class.py                       # PMAD vs PatchCore (and UniAD when registered)
+    python benchmarks/cross_class.py --method pmad --max-train 120 --max-test-per-type 20
+
+Settings, every method under the same protocol (lite0 offline weights, 256 px, sigma-4 maps, pixel metrics):
+  * real:      magnetic_tile -> kolektor, kolektor -> magnetic_tile (../shared/data/industrial)
+  * synthetic: weave,granite -> washer,bracket (textures -> objects) and the reverse, on
+               ``omniad.data.synthetic.make_synthetic_dataset``
+  * unified:   PMAD trained on both real types, tested on both (the one-for-many reference point)
+Training and test sets may be sub-sampled (seeded, per category / per defect type) to fit a CPU budget; the
+counts used are written beside every row. Writes a Markdown table with the command and wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
+from omniad import create_detector, list_detectors
+from omniad.data import MVTecDataset, make_synthetic_dataset
+from omniad.data.protocols import cross_class_split
+from omniad.metrics import evaluate
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "industrial"
+# CPU settings of each method in this benchmark (the detectors' defaults stay the papers').
+CPU_SETTINGS: dict[str, dict] = {
+    "pmad": {"preset": "cpu"},
+    "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000},
+    "uniad": {"preset": "cpu"},
+}
+REAL_SPLITS = ("magnetic_tile->kolektor", "kolektor->magnetic_tile")
+SYNTHETIC_SPLITS = ("weave,granite->washer,bracket", "washer,bracket->weave,granite")
+METRICS = (("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "AUPRO"))
+
+
+def subsample(dataset: MVTecDataset, per_group: int | None, by_type: bool, seed: int):
+    """Seeded subset with at most ``per_group`` images per category (or per category and defect type)."""
+    if not per_group:
+        return dataset
+    groups: dict[tuple, list[int]] = {}
+    for i, record in enumerate(dataset.samples):
+        key = (record.category, record.defect_type) if by_type else (record.category,)
+        groups.setdefault(key, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for idx in groups.values():
+        keep += sorted(rng.choice(idx, size=min(per_group, len(idx)), replace=False).tolist())
+    return Subset(dataset, sorted(keep))
+
+
+class _Recorder:
+    """Stands in for a PMAD detector inside ``evaluate``: scores each batch with every variant in one pass
+    (``PMAD.score_variants``), hands back the first and keeps the rest for ``_Replayer``."""
+
+    def __init__(self, detector, keys: list[str]) -> None:
+        self._detector, self._keys = detector, keys
+        self.batches: dict[str, list] = {k: [] for k in keys}
+
+    def __getattr__(self, name: str):
+        return getattr(self._detector, name)
+
+    def score(self, images):
+        variants = self._detector.score_variants(images)
+        for key in self._keys:
+            self.batches[key].append(variants[key])
+        return variants[self._keys[0]]
+
+
+class _Replayer:
+    """Replays recorded scores, batch by batch, in the order ``evaluate`` asks for them."""
+
+    def __init__(self, detector, batches: list) -> None:
+        self._detector, self._batches = detector, list(batches)
+
+    def __getattr__(self, name: str):
+        return getattr(self._detector, name)
+
+    def score(self, images):
+        return self._batches.pop(0)
+
+
+def run(method: str, params: dict, train, test, variants: list[str] | None) -> list[tuple[str, object, float, float]]:
+    """Fit once; evaluate (each PMAD score variant from the same scoring pass). -> (label, report, fit s, eval s)."""
+    detector = create_detector(method, **params)
+    started = time.perf_counter()
+    detector.fit(train)
+    fit_s = time.perf_counter() - started
+    out = []
+    started = time.perf_counter()
+    if variants:
+        recorder = _Recorder(detector, variants)
+        reports = {variants[0]: evaluate(recorder, test, progress=False)}
+        for key in variants[1:]:
+            reports[key] = evaluate(_Replayer(detector, recorder.batches[key]), test, progress=False)
+        eval_s = time.perf_counter() - started
+        out = [(f"{method} [{key}]", report, fit_s, eval_s) for key, report in reports.items()]
+    else:
+        report = evaluate(detector, test, progress=False)
+        out = [(method, report, fit_s, time.perf_counter() - started)]
+    for label, report, _, eval_s in out:
+        print(f"  {label}: fit {fit_s:.0f} s, eval {eval_s:.0f} s, mean I-AUROC "
+              f"{report.rows['mean']['image_auroc']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="root of the real industrial set")
+    parser.add_argument("--method", action="append", help="detectors (default: pmad, patchcore, uniad if known)")
+    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="override a method parameter (YAML value), e.g. pmad.epochs=20; repeatable")
+    parser.add_argument("--pmad-variants", default="entropy,cross_entropy,cross_entropy*prototype,prototype",
+                        help="PMAD scores to report, all from one fit and one scoring pass (see PMAD.score_variants)")
+    parser.add_argument("--settings", default="real,synthetic,unified", help="which settings to run")
+    parser.add_argument("--max-train", type=int, default=None, help="normal training images per category")
+    parser.add_argument("--max-test-per-type", type=int, default=None,
+                        help="test images per category and defect type (normal 'good' counts as a type)")
+    parser.add_argument("--synthetic-train", type=int, default=40, help="synthetic training images per type")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--weights", default="offline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/cross_class.md")
+    args = parser.parse_args(argv)
+
+    known = list_detectors()
+    methods = args.method or [m for m in ("pmad", "patchcore", "uniad") if m in known]
+    overrides: dict[str, dict] = {}
+    for item in args.param:
+        key, _, value = item.partition("=")
+        method, _, name = key.strip().partition(".")
+        overrides.setdefault(method, {})[name] = yaml.safe_load(value)
+    variants = [s.strip() for s in args.pmad_variants.split(",") if s.strip()]
+    settings = {s.strip() for s in args.settings.split(",")}
+    started_all = time.perf_counter()
+
+    # (setting, split, root, train categories, test categories, methods)
+    jobs: list[tuple[str, str, Path, list[str], list[str], list[str]]] = []
+    if "real" in settings or "unified" in settings:
+        if not Path(args.data).is_dir():
+            print(f"real data not found at {args.data}", file=sys.stderr)
+            return 2
+    if "real" in settings:
+        for split in REAL_SPLITS:
+            jobs.append(("cross-class", split, Path(args.data), *cross_class_split(split), methods))
+    if "unified" in settings:
+        both = ["magnetic_tile", "kolektor"]
+        jobs.append(("unified", "both -> both", Path(args.data), both, both, ["pmad"]))
+    tmp = tempfile.TemporaryDirectory(prefix="omniad-synthetic-")
+    if "synthetic" in settings:
+        root = make_synthetic_dataset(Path(tmp.name), n_train=args.synthetic_train, n_test_good=8, n_test_defect=8,
+                                      image_size=args.image_size, seed=args.seed)
+        for split in SYNTHETIC_SPLITS:
+            jobs.append(("synthetic cross-class", split, root, *cross_class_split(split), methods))
+
+    lines: list[str] = []
+    for setting, split, root, train_cats, test_cats, job_methods in jobs:
+        real = root == Path(args.data)
+        train = MVTecDataset(root, categories=train_cats, split="train", image_size=args.image_size)
+        test = MVTecDataset(root, categories=test_cats, split="test", image_size=args.image_size)
+        if real:
+            train = subsample(train, args.max_train, False, args.seed)
+            test = subsample(test, args.max_test_per_type, True, args.seed)
+        print(f"{setting} {split}: {len(train)} train / {len(test)} test images", file=sys.stderr, flush=True)
+        for method in job_methods:
+            params = {**CPU_SETTINGS.get(method, {}), **overrides.get(method, {})}
+            params.update(weights=args.weights, image_size=args.image_size, seed=args.seed, progress=False,
+                          calibration_fraction=0.0)
+            results = run(method, params, train, test, variants if method == "pmad" else None)
+            hidden = ("weights", "image_size", "seed", "progress", "calibration_fraction")
+            shown = {k: v for k, v in params.items() if k not in hidden}
+            for label, report, fit_s, eval_s in results:
+                for row in [*test_cats, "mean"] if len(test_cats) > 1 else test_cats:
+                    r = report.rows[row]
+                    values = " | ".join(f"{r[key]:.3f}" for key, _ in METRICS)
+                    counts = f"{len(train)} / {r['n_normal']}+{r['n_defective']}"
+                    lines.append(f"| {setting} | {split} | {label} | {row} | {values} | {counts} | "
+                                 f"{fit_s:.0f} | {eval_s:.0f} | `{shown}` |")
+    total = time.perf_counter() - started_all
+    tmp.cleanup()
+
+    header = " | ".join(name for _, name in METRICS)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    text = [
+        "# Cross-class benchmark (one-for-all)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads (2-core CPU shared with other "
+        f"jobs), torch {torch.__version__}. Total wall time {total / 60:.1f} min.  ",
+        f"Protocol: backbone tf_efficientnet_lite0 ({args.weights} ImageNet weights), {args.image_size} px, "
+        "maps Gaussian sigma 4, image score per each detector's pooling; metrics per unseen test type; no "
+        "threshold calibration (calibration_fraction 0: every training image is trained on); seed "
+        f"{args.seed}. Real-data subsets: at most {args.max_train or 'all'} training images per type and "
+        f"{args.max_test_per_type or 'all'} test images per type and defect type (seeded).",
+        "",
+        f"| setting | train -> test | method | test type | {header} | train / test normal+defective | fit s | "
+        "eval s | CPU settings |",
+        "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|",
+        *lines,
+        "",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Machinery CADA and its class-aware variants share: building the wrapped base detector, reading frozen features
+next to the base's anomaly maps, collecting the training statistics once, and the SGD loop of the heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omniad.align.stats import map_moments
+from omniad.backbone import Backbone
+from omniad.data.sources import iterate_batches
+from omniad.methods.base import BaseDetector
+from omniad.types import AnomalyScores
+
+# The paper's per-base settings (Sec. 4.2). Bases it did not use get the fallbacks below.
+PAPER_ALPHA = {"revdist": 0.1, "recontrast": 0.1, "uniad": 10.0}
+PAPER_ITERATIONS = {"revdist": 5000, "recontrast": 5000, "uniad": 20000}
+DEFAULT_ITERATIONS = 5000
+# Hyper-parameters every detector shares that a wrapper hands on to the base it builds (unless base_params says
+# otherwise). calibration_fraction is not among them: the wrapper holds out and calibrates on its own level.
+SHARED_COMMON = ("backbone", "weights", "image_size", "device", "seed", "batch_size", "progress")
+
+
+def jsonable_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``params`` with tuples turned into lists (what a bundle's JSON gives back on loading)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"base_params must be a dict of the base detector's hyper-parameters, got {type(params)}")
+    return {k: convert(v) for k, v in (params or {}).items()}
+
+
+def build_base(name: str, base_params: dict[str, Any], common: dict[str, Any]) -> BaseDetector:
+    """Create the (unfitted) base detector ``name`` with ``base_params`` on top of the wrapper's shared settings.
+
+    The base never holds out calibration images of its own (calibration_fraction = 0): the wrapper holds them out
+    before the base is fitted, so they are excluded from the base's training and from the alignment targets.
+    """
+    from omniad.registry import detector_class
+
+    cls = detector_class(name)
+    if not issubclass(cls, BaseDetector):
+        raise TypeError(f"base detector {name!r} is not a BaseDetector and cannot be wrapped")
+    if getattr(cls, "wraps_base", False):
+        raise ValueError(f"{name!r} already wraps a base detector; wrap the base itself instead")
+    known = set(cls.param_names())
+    unknown = sorted(set(base_params) - known)
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown} for base {name!r}; known: {', '.join(sorted(known))}")
+    params = {k: v for k, v in common.items() if k in SHARED_COMMON and k in known}
+    params.update({k: tuple(v) if isinstance(v, list) else v for k, v in base_params.items()})
+    params["calibration_fraction"] = 0.0
+    return cls(**params)
+
+
+def _saved_with_base(base: BaseDetector, module: nn.Module) -> bool:
+    """Whether ``module`` is part of what the base saves (so its weights travel in the base's part of a bundle)."""
+    try:
+        modules = base._modules()
+    except (NotImplementedError, AttributeError):
+        return False
+    return any(m is module for top in modules.values() for m in top.modules())
+
+
+class FeatureReader:
+    """Reads one stage of a frozen backbone for the alignment head, next to the base detector's scoring.
+
+    When the base exposes its frozen ``backbone_`` (an ``omniad.backbone.Backbone``) with the wanted stage and
+    saves it in its bundle, the reader taps that backbone with a forward hook while the base scores, so the
+    backbone runs once per image for both (it falls back to an explicit forward when the base did not call its
+    backbone on exactly the given batch). Otherwise the reader runs ``own`` (a Backbone the wrapper built).
+
+    Args:
+        backbone: the frozen Backbone to read.
+        index: position of the wanted stage in the backbone's outputs.
+        shared: whether ``backbone`` is the base's own (tapped) or the wrapper's.
+        size: average-pool larger feature maps to at most ``size`` x ``size`` (None: keep them as they are).
+    """
+
+    def __init__(self, backbone: Backbone, index: int, shared: bool, size: int | None = None) -> None:
+        self.backbone = backbone
+        self.index = index
+        self.shared = shared
+        self.size = size
+
+    def _pool(self, features: Tensor) -> Tensor:
+        if self.size is None:
+            return features
+        h, w = features.shape[-2:]
+        target = (min(h, self.size), min(w, self.size))
+        return features if (h, w) == target else F.adaptive_avg_pool2d(features, target)
+
+    @property
+    def stage(self) -> int:
+        return self.backbone.stages[self.index]
+
+    @property
+    def channels(self) -> int:
+        return self.backbone.channels[self.index]
+
+    @torch.no_grad()
+    def base_and_features(self, base: BaseDetector, images: Tensor) -> tuple[AnomalyScores, Tensor]:
+        """The base's scores of ``images`` (on its device) and the frozen features of the wanted stage."""
+        captured: list[Tensor] = []
+        handle = None
+        if self.shared:
+
+            def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+                if not captured and inputs and inputs[0] is images:
+                    captured.append(output[self.index])
+
+            handle = self.backbone.register_forward_hook(hook)
+        try:
+            result = base._score(images)
+        finally:
+            if handle is not None:
+                handle.remove()
+        features = captured[0] if captured else self.backbone(images)[self.index]
+        return result, self._pool(features)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """The (pooled) features of the wanted stage alone."""
+        return self._pool(self.backbone(images)[self.index])
+
+
+def make_feature_reader(
+    base: BaseDetector,
+    stage: int | None,
+    own: Callable[[int], Backbone],
+    default_stage: int = 3,
+    size: int | None = None,
+) -> FeatureReader:
+    """Choose where the head's features come from: the base's backbone if it has the stage, else ``own(stage)``.
+
+    Args:
+        base: the fitted (or rebuilt) base detector.
+        stage: wanted backbone stage (timm feature index); None = the deepest stage of the base's backbone,
+            or ``default_stage`` of an own backbone.
+        own: builds the wrapper's own frozen Backbone for a stage.
+        default_stage: stage of the own backbone when ``stage`` is None.
+        size: largest spatial size of the features handed to the head (see ``FeatureReader``).
+    """
+    backbone = getattr(base, "backbone_", None)
+    if isinstance(backbone, Backbone) and _saved_with_base(base, backbone):
+        if stage is None:
+            index = max(range(len(backbone.stages)), key=lambda i: (backbone.strides[i], backbone.stages[i]))
+            return FeatureReader(backbone, index, shared=True, size=size)
+        if stage in backbone.stages:
+            return FeatureReader(backbone, backbone.stages.index(stage), shared=True, size=size)
+    stage = default_stage if stage is None else stage
+    return FeatureReader(own(stage), 0, shared=False, size=size)
+
+
+@dataclass
+class AlignmentData:
+    """What alignment is trained on, collected once from the base's training images.
+
+    Attributes:
+        moments: (N, 3) per-image (mean, max, std) of the base's anomaly maps.
+        features: (N, C, h, w) frozen features of the same images (on the CPU).
+        stage: the backbone stage the features come from.
+    """
+
+    moments: Tensor
+    features: Tensor
+    stage: int
+
+    def __len__(self) -> int:
+        return self.moments.shape[0]
+
+
+@torch.no_grad()
+def collect_alignment_data(
+    base: BaseDetector, reader: FeatureReader | None, images: Any, batch_size: int, progress: bool = False
+) -> AlignmentData:
+    """Score every training image with the fitted base and keep its map statistics and frozen features (none,
+    an (N, 0, 1, 1) tensor with stage -1, when ``reader`` is None)."""
+    moments, features = [], []
+    for batch in iterate_batches(images, batch_size, progress, "alignment targets"):
+        batch = batch.to(base.device_)
+        if reader is None:
+            result, feats = base._score(batch), torch.zeros(batch.shape[0], 0, 1, 1)
+        else:
+            result, feats = reader.base_and_features(base, batch)
+        moments.append(map_moments(result.anomaly_maps.float().cpu()))
+        features.append(feats.float().cpu())
+    if not moments:
+        raise ValueError("no training images to compute alignment targets from")
+    return AlignmentData(torch.cat(moments), torch.cat(features), -1 if reader is None else reader.stage)
+
+
+def train_head(
+    net: nn.Module,
+    features: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+    desc: str = "alignment head",
+) -> list[float]:
+    """SGD on cached features: ``iterations`` mini-batches drawn from seeded reshuffles of the cache.
+
+    ``loss_fn(outputs, targets)`` sees the net's ``forward_normalised`` outputs. Returns the loss per iteration.
+    """
+    n = features.shape[0]
+    if n == 0:
+        raise ValueError("no training features for the alignment head")
+    batch_size = max(1, min(batch_size, n))
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global generator
+    net.to(device).train()
+    optimiser = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    order = torch.randperm(n, generator=generator)
+    cursor, losses = 0, []
+    steps: Any = range(iterations)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc, unit="it", leave=False)
+    for _ in steps:
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        index = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        loss = loss_fn(net.forward_normalised(features[index].to(device)), targets[index].to(device))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: the loss became {value}; lower lr or check the base's maps")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(value)
+    net.eval()
+    return losses
+
+
+__all__ = [
+    "AlignmentData",
+    "FeatureReader",
+    "PAPER_ALPHA",
+    "PAPER_ITERATIONS",
+    "build_base",
+    "collect_alignment_data",
+    "jsonable_params",
+    "make_feature_reader",
+    "train_head",
+]
