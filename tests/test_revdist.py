@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from omniad import create_detector, load_detector
-from omniad.methods.revdist.detector import batch_indices, preset_depths
+from omniad.methods.revdist.detector import batch_indices, preset_depths, train_iterations
 from omniad.methods.revdist.network import (
     OneClassBottleneck,
     RevDistNet,
@@ -112,6 +112,32 @@ def test_batch_indices_are_shuffled_passes_without_repeats():
     assert len(set(first_pass.tolist())) == 8  # no repeats within a pass (the tail of 2 is dropped)
     assert [len(b) for b in batch_indices(3, 8, 2, torch.Generator())] == [3, 3]
 
+
+
+def test_train_iterations_steps_the_optimiser_and_leaves_eval_mode_even_when_interrupted():
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    x = torch.randn(8, 3)
+
+    def loss_of_batch(it, index):
+        assert net.training
+        return net(x[index]).pow(2).mean()
+
+    batches = batch_indices(8, 4, 4, torch.Generator().manual_seed(0))
+    history = train_iterations(net, optimizer, batches, loss_of_batch, 4, False, "test", scheduler)
+    assert len(history) == 4 and history[-1] < history[0]
+    assert not net.training
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+
+    def failing(it, index):
+        if it == 1:
+            raise KeyboardInterrupt
+        return net(x[index]).pow(2).mean()
+
+    with pytest.raises(KeyboardInterrupt):
+        train_iterations(net, optimizer, batch_indices(8, 4, 4, torch.Generator()), failing, 4, False, "test")
+    assert not net.training
 
 @pytest.fixture(scope="module")
 def images():

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from omniad.backbone import Backbone
 from omniad.methods.recontrast.network import RecontrastNet, hard_mining_alpha, recontrast_loss
-from omniad.methods.revdist.detector import RevDist, batch_indices, progress_bar
+from omniad.methods.revdist.detector import RevDist, batch_indices, train_iterations
 from omniad.methods.revdist.network import anomaly_map
 from omniad.postprocess import image_score
 from omniad.registry import register_detector
@@ -187,24 +187,17 @@ class Recontrast(RevDist):
             optimizer, milestones=[int(self.iterations * self.lr_decay_at)], gamma=self.lr_decay
         )
         generator = torch.Generator().manual_seed(self.seed)
-        self.net_.train()
-        self.loss_history_: list[float] = []
-        bar = progress_bar(self.iterations, self.progress, "recontrast training")
-        try:
-            for it, index in enumerate(batch_indices(len(images), self.train_batch_size, self.iterations, generator)):
-                alpha = hard_mining_alpha(it, self.iterations, self.hm_alpha_start, self.hm_alpha_end, self.hm_warmup)
-                targets, recons = self.net_(*cache.get(index))
-                loss = recontrast_loss(targets, recons, alpha, self.hm_factor)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                self.loss_history_.append(float(loss.detach()))
-                bar.update()
-                bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
-        finally:
-            bar.close()
-            self.net_.eval()
+
+        def loss_of_batch(it: int, index: Tensor) -> Tensor:
+            alpha = hard_mining_alpha(it, self.iterations, self.hm_alpha_start, self.hm_alpha_end, self.hm_warmup)
+            targets, recons = self.net_(*cache.get(index))
+            return recontrast_loss(targets, recons, alpha, self.hm_factor)
+
+        batches = batch_indices(len(images), self.train_batch_size, self.iterations, generator)
+        self.loss_history_: list[float] = train_iterations(
+            self.net_, optimizer, batches, loss_of_batch, self.iterations, self.progress, "recontrast training",
+            scheduler,
+        )
 
     # ----------------------------------------------------------------- scoring
     def _score(self, images: Tensor) -> AnomalyScores:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +79,39 @@ def progress_bar(total: int, enabled: bool, desc: str):
         def close(self) -> None: ...
 
     return _Null()
+
+
+def train_iterations(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Tensor],
+    loss_of_batch: Callable[[int, Tensor], Tensor],
+    total: int,
+    progress: bool,
+    desc: str,
+    scheduler: Any = None,
+) -> list[float]:
+    """The optimisation loop RD and ReContrast share: one step per batch of indices (``loss_of_batch(it,
+    index)`` computes the loss), ``net`` in training mode throughout and back in eval mode afterwards, even
+    when interrupted. Returns the loss of every iteration."""
+    history: list[float] = []
+    bar = progress_bar(total, progress, desc)
+    net.train()
+    try:
+        for it, index in enumerate(batches):
+            loss = loss_of_batch(it, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            history.append(float(loss.detach()))
+            bar.update()
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+    finally:
+        bar.close()
+        net.eval()
+    return history
 
 
 @register_detector("revdist")
@@ -207,22 +240,15 @@ class RevDist(BaseDetector):
             self.net_.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )
         generator = torch.Generator().manual_seed(self.seed)
-        self.net_.train()
-        self.loss_history_: list[float] = []
-        bar = progress_bar(self.iterations, self.progress, "revdist training")
-        try:
-            for index in batch_indices(len(images), self.train_batch_size, self.iterations, generator):
-                targets = [f[index].to(self.device_, torch.float32) for f in features]
-                loss = revdist_loss(targets, self.net_(targets))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                self.loss_history_.append(float(loss.detach()))
-                bar.update()
-                bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
-        finally:
-            bar.close()
-            self.net_.eval()
+
+        def loss_of_batch(it: int, index: Tensor) -> Tensor:
+            targets = [f[index].to(self.device_, torch.float32) for f in features]
+            return revdist_loss(targets, self.net_(targets))
+
+        batches = batch_indices(len(images), self.train_batch_size, self.iterations, generator)
+        self.loss_history_: list[float] = train_iterations(
+            self.net_, optimizer, batches, loss_of_batch, self.iterations, self.progress, "revdist training"
+        )
 
     # ----------------------------------------------------------------- scoring
     def _score(self, images: Tensor) -> AnomalyScores:
