@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
+from common import DEFAULT_DATA, parse_params
+
 from omniad import create_detector, list_detectors
 from omniad.data import MVTecDataset, make_synthetic_dataset
 from omniad.data.protocols import cross_class_split
 from omniad.metrics import evaluate
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "industrial"
 # CPU settings of each method in this benchmark (the detectors' defaults stay the papers').
 CPU_SETTINGS: dict[str, dict] = {
     "pmad": {"preset": "cpu"},
@@ -137,10 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     known = list_detectors()
     methods = args.method or [m for m in ("pmad", "patchcore", "uniad") if m in known]
     overrides: dict[str, dict] = {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        method, _, name = key.strip().partition(".")
-        overrides.setdefault(method, {})[name] = yaml.safe_load(value)
+    for key, value in parse_params(args.param).items():
+        method, _, name = key.partition(".")
+        overrides.setdefault(method, {})[name] = value
     variants = [s.strip() for s in args.pmad_variants.split(",") if s.strip()]
     settings = {s.strip() for s in args.settings.split(",")}
     started_all = time.perf_counter()

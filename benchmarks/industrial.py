@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from common import DEFAULT_DATA, parse_params
 
 from omniad import create_detector
 from omniad.data import MVTecDataset
 from omniad.metrics import evaluate
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "industrial"
 # The CPU-friendly settings these runs use, stated in every report (the detectors' defaults stay the papers').
 CPU_SETTINGS = {
     "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000},
@@ -48,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"benchmark data not found at {root}", file=sys.stderr)
         return 2
-    extra = {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = parse_params(args.param)
     methods = args.method or ["patchcore", "padim"]
     train = MVTecDataset(root, split="train", image_size=args.image_size)
     test = MVTecDataset(root, split="test", image_size=args.image_size)

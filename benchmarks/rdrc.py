@@ -23,8 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "industrial"
+from common import DEFAULT_DATA  # noqa: E402
 
 
 def run_method(method: str, params: dict, data: str, image_size: int, out: str, threads: int) -> dict:

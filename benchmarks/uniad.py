@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import DEFAULT_DATA, parse_params
 
 from omniad import create_detector
 from omniad.data import MVTecDataset
@@ -35,7 +36,6 @@ from omniad.data.sources import iterate_samples, split_holdout
 from omniad.metrics import evaluate, image_auroc
 from omniad.types import AnomalyScores, Sample
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "industrial"
 NO_MASK = (False, False, False)
 # Ablations of the CPU preset: each switches one of UniAD's mechanisms off ("no query + no mask" is the
 # plain transformer reconstruction of the paper's "identical shortcut" analysis).
@@ -202,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", help="file to save the backbone features to / load them from")
     parser.add_argument("--out", default="benchmarks/results/uniad-latest.md")
     args = parser.parse_args(argv)
-    import yaml
 
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
@@ -210,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"benchmark data not found at {root}", file=sys.stderr)
         return 2
-    extra = {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        extra[key.strip()] = yaml.safe_load(value)
-        if isinstance(extra[key.strip()], list):
-            extra[key.strip()] = tuple(extra[key.strip()])
+    extra = parse_params(args.param)
     train = MVTecDataset(root, split="train", image_size=args.image_size)
     test = MVTecDataset(root, split="test", image_size=args.image_size)
     base = dict(preset="cpu", weights="offline", image_size=args.image_size, seed=args.seed, progress=False, **extra)

@@ -1,0 +1,24 @@
+"""What the benchmark scripts share: where the real data lives and how ``--param KEY=VALUE`` is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# ../shared/data/industrial beside the repository (the real two-type set; benchmarks only, never a dependency)
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "industrial"
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["epochs=80", "layers=[1, 2]"]`` -> ``{"epochs": 80, "layers": (1, 2)}``: YAML values, lists as tuples
+    (the detectors' sequence parameters are tuples). Keys may be dotted (``pmad.epochs``); callers split them."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--param expects KEY=VALUE, got {item!r}")
+        parsed = yaml.safe_load(value)
+        params[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return params
