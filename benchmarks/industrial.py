@@ -2,10 +2,11 @@
 normal images of BOTH types at once, evaluated under the pinned protocol (per type, mean, mixed, calibrated F1).
 
     python benchmarks/industrial.py                                 # PatchCore and PaDiM
-    python benchmarks/industrial.py --method uniad --param preset=cpu
+    python benchmarks/industrial.py --method patchcore --method uniad   # the issue-5 comparison, one run
+    python benchmarks/industrial.py --method uniad --param epochs=40
     python benchmarks/industrial.py --method patchcore --param coreset_ratio=0.01 --out benchmarks/results
 
-Prints each report (Markdown) with fit time, test throughput and peak memory, and writes them under --out.
+Methods with a CPU preset run it (CPU_SETTINGS); --param overrides. Prints each report (Markdown) with fit time, test throughput and peak memory, and writes them under --out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from omniad.metrics import evaluate
 CPU_SETTINGS = {
     "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000},
     "padim": {},
+    "uniad": {"preset": "cpu"},
+    "revdist": {"preset": "cpu"},
+    "recontrast": {"preset": "cpu"},
+    "pmad": {"preset": "cpu"},
 }
 
 
