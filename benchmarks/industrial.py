@@ -6,7 +6,8 @@ normal images of BOTH types at once, evaluated under the pinned protocol (per ty
     python benchmarks/industrial.py --method uniad --param epochs=40
     python benchmarks/industrial.py --method patchcore --param coreset_ratio=0.01 --out benchmarks/results
 
-Methods with a CPU preset run it (CPU_SETTINGS); --param overrides. Prints each report (Markdown) with fit time, test throughput and peak memory, and writes them under --out.
+Methods with a CPU preset run it (CPU_SETTINGS); --param overrides. Prints each report (Markdown) with fit time,
+test throughput and peak memory, and writes them under --out.
 """
 
 from __future__ import annotations
