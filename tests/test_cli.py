@@ -91,3 +91,11 @@ def test_list_shows_every_detector(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in list_detectors())
+
+
+def test_parse_value_reads_yaml_and_every_spelling_of_a_number():
+    from omniad.cli import parse_value
+
+    assert parse_value("1e-4") == 1e-4 and parse_value("-5E3") == -5000.0 and parse_value("2") == 2
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("false") is False and parse_value("null") is None
+    assert parse_value("zero") == "zero" and parse_value("1e-4x") == "1e-4x" and parse_value("inf") == "inf"

@@ -179,8 +179,11 @@ def test_cli_reads_uniad_options():
 
     parser, names = build_parser("fit", "uniad")
     args = parser.parse_args(["fit", "--method", "uniad", "--data", "x", "--out", "m", "--preset", "cpu",
-                              "--neighbor-mask", "false", "true", "true", "--hidden-dim", "48"])
+                              "--neighbor-mask", "false", "true", "true", "--hidden-dim", "48", "--lr", "1e-4",
+                              "--output-bias-init", "zero"])
     params = method_params(args, names)
+    assert params["lr"] == 1e-4 and isinstance(params["lr"], float)  # YAML 1.1 alone reads "1e-4" as text
+    assert params["output_bias_init"] == "zero"
     assert params["neighbor_mask"] == (False, True, True)
     assert params["hidden_dim"] == 48 and params["preset"] == "cpu"
     fit_help = parser._subparsers._group_actions[0].choices["fit"].format_help()  # "%" in a docstring is fine

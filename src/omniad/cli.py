@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,16 @@ DEFAULT_METHOD = "patchcore"
 
 
 # ------------------------------------------------------------------ method options from the detector's signature
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (``true``, ``[1, 2]``, ``null``), except that numbers YAML 1.1 leaves as
+    strings (``1e-4``, ``5E3``) are numbers: ``--lr 1e-4`` must not reach the optimiser as text."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def add_method_options(parser: argparse.ArgumentParser, method: str) -> list[str]:
@@ -42,12 +51,12 @@ def add_method_options(parser: argparse.ArgumentParser, method: str) -> list[str
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, (tuple, list)):
             kind = type(default[0]) if default else str
-            kind = _parse_value if kind is bool else kind  # bool("False") is True
+            kind = parse_value if kind is bool else kind  # bool("False") is True
             group.add_argument(flag, dest=name, nargs="+", type=kind, default=None, help=text)
         elif isinstance(default, (int, float, str)):
             group.add_argument(flag, dest=name, type=type(default), default=None, help=text)
         else:
-            group.add_argument(flag, dest=name, type=_parse_value, default=None, help=text + " [YAML value]")
+            group.add_argument(flag, dest=name, type=parse_value, default=None, help=text + " [YAML value]")
     return list(defaults)
 
 
