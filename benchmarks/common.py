@@ -13,7 +13,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
     """``["lr=1e-4", "layers=[1, 2]"]`` -> ``{"lr": 0.0001, "layers": (1, 2)}``: values as
-    ``omniad.cli.parse_value`` reads them, lists as tuples (the detectors' sequence parameters are tuples). Keys may be dotted (``pmad.epochs``); callers split them."""
+    ``omniad.cli.parse_value`` reads them, lists as tuples (the detectors' sequence parameters are tuples).
+    Keys may be dotted (``pmad.epochs``); callers split them."""
     params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
