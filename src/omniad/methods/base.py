@@ -21,6 +21,14 @@ class NotFittedError(RuntimeError):
     """Raised when a detector is used before ``fit`` or ``load``."""
 
 
+def resolve_preset(presets: dict[str, dict[str, Any]], preset: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Fill every None in ``values`` from ``presets[preset]``; explicit values win."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; use one of {sorted(presets)}")
+    chosen = presets[preset]
+    return {k: (chosen[k] if v is None and k in chosen else v) for k, v in values.items()}
+
+
 class BaseDetector:
     """Shared behaviour of every omniad detector.
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from omniad.backbone import Backbone
 from omniad.cluster import kmeans
 from omniad.features import extract_features, fuse_stages
-from omniad.methods.base import BaseDetector
+from omniad.methods.base import BaseDetector, resolve_preset
 from omniad.methods.patchcore import greedy_coreset
 from omniad.methods.pmad.masking import INFERENCE_MASKINGS, TRAIN_MASKINGS, inference_rounds, training_mask
 from omniad.methods.pmad.network import PMADNet, token_cross_entropy, token_entropy
@@ -123,8 +123,6 @@ class PMAD(BaseDetector):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
         for name, allowed, value in (
             ("input_embedding", INPUT_EMBEDDINGS, input_embedding),
             ("train_masking", TRAIN_MASKINGS, train_masking),
@@ -141,7 +139,7 @@ class PMAD(BaseDetector):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {patch_size}")
         chosen = dict(num_tokens=num_tokens, embed_dim=embed_dim, depth=depth, num_heads=num_heads, epochs=epochs,
                       warmup_epochs=warmup_epochs, lr=lr, num_prototypes=num_prototypes)
-        resolved = {k: (PRESETS[preset][k] if v is None else v) for k, v in chosen.items()}
+        resolved = resolve_preset(PRESETS, preset, chosen)
         self.preset = preset
         self.input_embedding = input_embedding
         self.patch_size = patch_size

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from omniad.backbone import Backbone
 from omniad.features import extract_features
-from omniad.methods.base import BaseDetector
+from omniad.methods.base import BaseDetector, resolve_preset
 from omniad.methods.revdist.network import RevDistNet, anomaly_map, revdist_loss
 from omniad.postprocess import image_score
 from omniad.registry import register_detector
@@ -31,14 +31,6 @@ REVDIST_PRESETS: dict[str, dict[str, Any]] = {
     },
     "cpu": {"iterations": 300, "train_batch_size": 8, "bottleneck_blocks": 1, "decoder_blocks": (1, 1, 1)},
 }
-
-
-def resolve_preset(presets: dict[str, dict[str, Any]], preset: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Fill every None in ``values`` from ``presets[preset]``; explicit values win."""
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; use one of {sorted(presets)}")
-    chosen = presets[preset]
-    return {k: (chosen[k] if v is None and k in chosen else v) for k, v in values.items()}
 
 
 def preset_depths(blocks: tuple[int, ...], stages: int) -> tuple[int, ...]:
