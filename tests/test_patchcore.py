@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from omniad import create_detector
-from omniad.methods.patchcore import aggregate_patches, greedy_coreset, nearest_distances
+from omniad.cluster import nearest_centres
+from omniad.methods.patchcore import aggregate_patches, greedy_coreset
 
 
 def _naive_greedy(x: torch.Tensor, n_select: int, first: int) -> list[int]:
@@ -58,15 +59,15 @@ def test_greedy_coreset_sizes_and_seed():
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
-def test_nearest_distances_equals_cdist(chunk):
+def test_nearest_centre_distances_equal_cdist(chunk):
     g = torch.Generator().manual_seed(chunk)
     queries, bank = torch.randn(50, 16, generator=g), torch.randn(23, 16, generator=g)
     expected = torch.cdist(queries, bank).min(dim=1).values
-    torch.testing.assert_close(nearest_distances(queries, bank, chunk=chunk), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nearest_centres(queries, bank, chunk=chunk)[0], expected, atol=1e-4, rtol=1e-4)
     # a query equal to a bank row is at distance ~0 (no NaN from a tiny negative square)
-    d = nearest_distances(bank[:3], bank, chunk=chunk)
+    d = nearest_centres(bank[:3], bank, chunk=chunk)[0]
     assert torch.isfinite(d).all() and d.max() < 1e-2
-    assert nearest_distances(queries[:0], bank).shape == (0,)
+    assert nearest_centres(queries[:0], bank)[0].shape == (0,)
 
 
 def test_aggregate_patches_shapes_and_local_average():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
+from omniad.cluster import nearest_centres
 from omniad.features import extract_features, fuse_stages
 from omniad.methods.base import BaseDetector
 from omniad.postprocess import gaussian_blur, image_score, upsample
@@ -26,18 +27,6 @@ def aggregate_patches(features: list[Tensor], patch_size: int = 3) -> Tensor:
     stages up-sampled to the first stage's grid, concatenated. (B, C, h, w)."""
     pooled = [F.avg_pool2d(f, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False) for f in features]
     return fuse_stages(pooled)
-
-
-def nearest_distances(queries: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
-    """Euclidean distance of each query row to its nearest bank row, computed in chunks so memory stays bounded
-    (a chunk's distance matrix is ``chunk`` x ``len(bank)``)."""
-    bank_sq = (bank * bank).sum(1)
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk]
-        d2 = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
-        out.append(d2.min(dim=1).values.clamp_min(0).sqrt())
-    return torch.cat(out) if out else queries.new_empty(0)
 
 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, seed: int = 0) -> Tensor:
@@ -84,7 +73,7 @@ class PatchCoreNet(nn.Module):
         emb = self.embed(images)
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        return nearest_distances(queries, self.memory_bank).view(b, h, w)
+        return nearest_centres(queries, self.memory_bank, chunk=4096)[0].view(b, h, w)
 
 
 @register_detector("patchcore")
