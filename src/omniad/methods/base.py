@@ -47,6 +47,8 @@ class BaseDetector:
     """
 
     name: str = "base"
+    # the method's settings for the contract test on the tiny synthetic set (every method declares its own)
+    test_params: dict[str, Any] = {}
 
     def __init__(
         self,

@@ -90,6 +90,10 @@ class PMAD(BaseDetector):
         **common: see ``BaseDetector``; ``batch_size`` is also the training batch size.
     """
 
+    # settings small enough for the contract test on the tiny synthetic set (seconds on a 2-core CPU)
+    test_params: dict[str, Any] = dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=4,
+                       num_prototypes=64)
+
     def __init__(
         self,
         *,

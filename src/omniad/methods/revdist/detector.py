@@ -144,6 +144,9 @@ class RevDist(BaseDetector):
         loss_history_: training loss of every iteration (not saved).
     """
 
+    # settings small enough for the contract test on the tiny synthetic set (seconds on a 2-core CPU)
+    test_params: dict[str, Any] = {"preset": "cpu", "iterations": 60}
+
     presets = REVDIST_PRESETS
 
     def __init__(
