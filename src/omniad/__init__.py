@@ -1,12 +1,13 @@
 """omniad: unified visual anomaly detection — one model for every product type, one threshold, no type label."""
 
-__version__ = "0.1.0"
+from omniad._version import __version__
 
-from omniad import data as datasets  # noqa: E402  (readers, synthetic set, protocols)
-from omniad.io import load_detector  # noqa: E402
-from omniad.metrics import evaluate  # noqa: E402
-from omniad.registry import create_detector, list_detectors, register_detector  # noqa: E402
-from omniad.types import AnomalyScores, Detector, Sample  # noqa: E402
+from omniad import methods  # noqa: F401  (registers the built-in detectors)
+from omniad import data as datasets  # (readers, synthetic set, protocols)
+from omniad.io import load_detector
+from omniad.metrics import evaluate
+from omniad.registry import create_detector, list_detectors, register_detector
+from omniad.types import AnomalyScores, Detector, Sample
 
 __all__ = [
     "__version__",

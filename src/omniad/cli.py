@@ -322,7 +322,7 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
 
 
 def _version() -> str:
-    from omniad import __version__
+    from omniad._version import __version__
 
     return f"omniad {__version__}"
 

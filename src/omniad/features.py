@@ -71,3 +71,36 @@ def fuse_stages(features: Sequence[Tensor], size: tuple[int, int] | None = None,
             f = F.interpolate(f, size=size, mode=mode, **kwargs)
         resized.append(f)
     return torch.cat(resized, dim=1)
+
+
+# A method's features are a tensor or a list of tensors whose first dimension is the image; these helpers let the
+# base batch, move and join them without knowing which.
+Features = Tensor | list[Tensor]
+
+
+def feature_count(features: Features) -> int:
+    """Number of images the features belong to."""
+    return features.shape[0] if isinstance(features, Tensor) else features[0].shape[0]
+
+
+def feature_slice(features: Features, start: int, stop: int) -> Features:
+    """The features of images ``start:stop``."""
+    if isinstance(features, Tensor):
+        return features[start:stop]
+    return [f[start:stop] for f in features]
+
+
+def feature_to(features: Features, device: torch.device | str, dtype: torch.dtype | None = None) -> Features:
+    """The features on ``device`` (floating tensors cast to ``dtype`` when given)."""
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
+    return move(features) if isinstance(features, Tensor) else [move(f) for f in features]
+
+
+def feature_cat(parts: list[Features]) -> Features:
+    """Join per-batch features along the image dimension."""
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return [torch.cat(group) for group in zip(*parts)]

@@ -28,7 +28,7 @@ def save_detector(detector: Any, path: str | os.PathLike) -> Path:
     The bundle is written into a temporary sibling folder and swapped in by renames, so a crash mid-save leaves
     the previous good bundle (or nothing) at ``path``, never a half-written one.
     """
-    from omniad import __version__
+    from omniad._version import __version__
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,17 +118,24 @@ def load_detector(path: str | os.PathLike, device: str | None = None):
         params["device"] = device
     try:
         detector = detector_class(config["method"])(**_tuples(params))
+        detector.resolved_params()  # validate the saved parameters now, naming the file
     except KeyError as err:  # unknown method: the message lists the known ones
         raise BundleError(f"{folder}: {err.args[0]}") from None
     except TypeError as err:  # parameters this version of the method does not have
         raise BundleError(f"{folder}: its parameters do not fit method {config['method']!r}: {err}") from None
+    except ValueError as err:  # a parameter out of range (validated at load as at fit)
+        raise BundleError(f"{folder / CONFIG_FILE}: {err}") from None
     meta = config.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise BundleError(f"{folder / CONFIG_FILE}: 'meta' must be a mapping")
     try:
         detector.load_state(meta, tensors)
-    except (RuntimeError, KeyError) as err:
+    except ValueError as err:  # out-of-range values, a tampered calibration
+        raise BundleError(f"{folder / CONFIG_FILE}: {err}") from None
+    except (RuntimeError, KeyError, IndexError, TypeError) as err:
+        if "CUDA" in str(err):
+            raise BundleError(f"{folder}: {err}") from None
         raise BundleError(f"{folder}: weights do not match the model described in its config: {err}") from None
-    threshold = meta.get("threshold")
-    detector.threshold_ = float("nan") if threshold is None else float(threshold)
     return detector
 
 

@@ -81,4 +81,20 @@ def image_score(maps: Tensor, pooling: str = "top1", fraction: float = 0.01, ker
     raise ValueError(f"unknown image-score pooling {pooling!r}; use 'top1', 'max' or 'maxpool'")
 
 
-__all__ = ["upsample", "gaussian_blur", "gaussian_kernel1d", "top_fraction_mean", "max_pooled", "image_score"]
+def to_scores(
+    raw_maps: Tensor,
+    size: tuple[int, int],
+    sigma: float,
+    pooling: str,
+    top_fraction: float = 0.01,
+    pool_kernel: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """The score tail every detector shares: raw (B, h, w) maps -> bilinear up-sampling to ``size`` -> Gaussian
+    smoothing -> (B,) image scores pooled from the smoothed (B, H, W) maps. Returns (image scores, maps)."""
+    maps = gaussian_blur(upsample(raw_maps, size), sigma)
+    return image_score(maps, pooling, fraction=top_fraction, kernel=pool_kernel), maps
+
+
+POOLINGS = ("top1", "max", "maxpool")
+
+__all__ = ["to_scores", "POOLINGS", "upsample", "gaussian_blur", "gaussian_kernel1d", "top_fraction_mean", "max_pooled", "image_score"]

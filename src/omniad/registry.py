@@ -1,4 +1,8 @@
-"""A timm-style registry: ``@register_detector("name")``, ``create_detector``, ``list_detectors``."""
+"""A timm-style registry: ``@register_detector("name")``, ``create_detector``, ``list_detectors``.
+
+A leaf: it imports nothing of omniad. The built-in methods register themselves when ``omniad`` is imported (its
+``__init__`` imports ``omniad.methods``), which every ``import omniad.<anything>`` does first.
+"""
 
 from __future__ import annotations
 
@@ -23,19 +27,13 @@ def register_detector(name: str) -> Callable[[T], T]:
     return decorate
 
 
-def _ensure_builtin_methods() -> None:
-    import omniad.methods  # noqa: F401  (registers the built-in detectors)
-
-
 def list_detectors() -> list[str]:
     """Names of every registered detector, sorted."""
-    _ensure_builtin_methods()
     return sorted(_REGISTRY)
 
 
 def detector_class(name: str) -> type:
     """The class registered under ``name``; the error lists the known names."""
-    _ensure_builtin_methods()
     if name not in _REGISTRY:
         raise KeyError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

@@ -1,11 +1,10 @@
-"""Score alignment across product types: CADA (class-agnostic, a registered detector wrapping any base) and its
-class-aware reference variants A and B (need type labels; not registered)."""
+"""Score alignment across product types: CADA's maths (from ``omniad.methods.cada``) and its class-aware
+reference variants A and B, which need type labels and are therefore not registered detectors."""
 
-from omniad.align.cada import CADA
-from omniad.align.core import AlignmentData, collect_alignment_data
-from omniad.align.regressor import CADARegressor
-from omniad.align.stats import align_maps, class_statistics, image_statistics, map_moments
-from omniad.align.variants import ClassAwareA, ClassAwareB
+from omniad.align.class_aware import ClassAwareA, ClassAwareB
+from omniad.methods.cada import CADA, CADARegressor
+from omniad.methods.cada.alignment import align_maps, class_statistics, image_statistics, map_moments
+from omniad.methods.cada.base_reader import AlignmentData, collect_alignment_data
 
 __all__ = [
     "CADA",

@@ -16,10 +16,12 @@ from omniad.types import Sample
 
 
 class ImagesOnly(Dataset):
-    """View of a dataset of ``Sample`` (or of tensors) that yields the (3, H, W) image tensor alone."""
+    """View of a dataset of ``Sample`` (or of tensors) that yields the (3, H, W) image tensor alone, resized to
+    ``image_size`` when one is given (the same resize as the readers and ``BaseDetector.preprocess``)."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, image_size: int | None = None) -> None:
         self.data = data
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.data)
@@ -30,21 +32,28 @@ class ImagesOnly(Dataset):
         if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"training item {index} is not a (3, H, W) image tensor: {shape}")
+        if self.image_size is not None:
+            from omniad.data.images import resize_image
+
+            image = resize_image(image, self.image_size)
         return image
 
 
-def as_image_dataset(data: Any) -> Dataset:
-    """A dataset of (3, H, W) tensors from a (N, 3, H, W) tensor, a sequence of tensors or of ``Sample``."""
-    if isinstance(data, ImagesOnly):
+def as_image_dataset(data: Any, image_size: int | None = None) -> Dataset:
+    """A dataset of (3, H, W) tensors from a (N, 3, H, W) tensor, a sequence of tensors or of ``Sample``, resized
+    to ``image_size`` when given."""
+    if isinstance(data, ImagesOnly) and image_size in (None, data.image_size):
+        return data
+    if isinstance(data, Subset) and isinstance(data.dataset, ImagesOnly) and image_size in (None, data.dataset.image_size):
         return data
     if isinstance(data, Tensor):
         if data.dim() != 4 or data.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(data.shape)}")
-        return ImagesOnly(list(data.unbind(0)))
+        return ImagesOnly(list(data.unbind(0)), image_size)
     if isinstance(data, (str, bytes)):  # a str is a Sequence: catch a folder path passed by mistake
         raise TypeError(f"cannot read images from the string {data!r}; for a folder use omniad.data.MVTecDataset")
     if isinstance(data, (Dataset, Sequence)):
-        return ImagesOnly(data)
+        return ImagesOnly(data, image_size)
     raise TypeError(f"cannot read images from a {type(data).__name__}; pass a dataset, a list or a tensor")
 
 

@@ -1,18 +1,42 @@
-"""BaseDetector: what every detector shares — hyper-parameters, seeding, the calibrated threshold, scoring in
-batches, save/load. A method subclasses it and writes ``_fit``, ``_score``, ``_build`` and ``_modules``."""
+"""BaseDetector: the one lifecycle every detector uses.
+
+    fit(data)      = resolve hyper-parameters -> hold out the calibration share -> extract -> fit_features
+                     -> calibrate
+    score(images)  = pre-process (checks, resize to image_size) -> features -> score_features (raw maps)
+                     -> post-process (up-sample, Gaussian sigma, pooling) -> AnomalyScores
+
+A method writes ``features`` (what its frozen part computes for a batch; a backbone's stage maps by default),
+``fit_features`` (training on those features, cached for the whole set) and ``score_features`` (the raw
+anomaly map), plus ``modules``/``meta``/``build`` for save and load. Everything else — seeding, devices, the
+hold-out, the feature cache, batching, the score tail, the one ``Calibration``, persistence — lives here once.
+"""
 
 from __future__ import annotations
 
-import inspect
-import math
+import copy
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from omniad.data.sources import as_image_dataset, split_holdout
+from omniad.backbone import Backbone
+from omniad.calibration import Calibration
+from omniad.data.sources import as_image_dataset, iterate_batches, split_holdout
+from omniad.features import Features, feature_cat, feature_count, feature_slice, feature_to
+from omniad.params import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    Interval,
+    Options,
+    as_namespace,
+    docstring_args,
+    init_params,
+    resolve_params,
+)
+from omniad.postprocess import POOLINGS, to_scores
 from omniad.runtime import resolve_device, seed_everything
 from omniad.types import AnomalyScores
 
@@ -21,12 +45,20 @@ class NotFittedError(RuntimeError):
     """Raised when a detector is used before ``fit`` or ``load``."""
 
 
-def resolve_preset(presets: dict[str, dict[str, Any]], preset: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Fill every None in ``values`` from ``presets[preset]``; explicit values win."""
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; use one of {sorted(presets)}")
-    chosen = presets[preset]
-    return {k: (chosen[k] if v is None and k in chosen else v) for k, v in values.items()}
+class FeatureStream:
+    """Features computed batch by batch each time it is iterated, for methods whose features of a whole training
+    set would not fit in memory (``cache_features = False``)."""
+
+    def __init__(self, detector: BaseDetector, images: Any, desc: str) -> None:
+        self.detector, self.images, self.desc = detector, images, desc
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[Features]:
+        d = self.detector
+        for batch in iterate_batches(self.images, d.batch_size, d.progress, self.desc):
+            yield d.features(batch.to(d.device_))
 
 
 class BaseDetector:
@@ -36,19 +68,43 @@ class BaseDetector:
         backbone: timm model name of the frozen feature extractor.
         weights: where the backbone's weights come from: "auto" (timm's hub cache, then omniad's offline
             weights), "timm", "offline", "random", or the path of a safetensors / torch state-dict file.
-        image_size: side of the square images the detector is trained and evaluated on.
+        image_size: side of the square images the detector is trained and evaluated on; ``score`` resizes
+            other sizes to it.
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         seed: makes fitting repeatable.
         batch_size: images per batch for the backbone and for scoring.
         calibration_fraction: share of the training images held out (never trained on) to calibrate the
             decision threshold; 0 disables calibration.
         target_far: false-alarm rate on held-out normal images that the calibrated threshold aims at.
+        sigma: Gaussian smoothing of the up-sampled map (None: the method's default; the protocol's is 4).
+        image_pooling: image score from the map: "top1" (mean of the top ``top_fraction``), "max" or "maxpool"
+            (max of the ``pool_kernel``-averaged map); None: the method's default.
+        top_fraction: share of the highest map values averaged by "top1" pooling (protocol: 0.01).
+        pool_kernel: averaging window of "maxpool" pooling (UniAD: 16).
         progress: show progress bars.
     """
 
-    name: str = "base"
+    name: ClassVar[str] = "base"
     # the method's settings for the contract test on the tiny synthetic set (every method declares its own)
-    test_params: dict[str, Any] = {}
+    test_params: ClassVar[dict[str, Any]] = {}
+    # named sets of values for the parameters left at None (methods with a ``preset`` parameter)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # values of the parameters still None after the preset: each method's post-processing defaults
+    defaults: ClassVar[dict[str, Any]] = {"sigma": 4.0, "image_pooling": "top1"}
+    # parameter -> Interval / Options / Each; merged along the class hierarchy
+    constraints: ClassVar[dict[str, Any]] = {
+        "image_size": Interval(16, None, integer=True),
+        "batch_size": POSITIVE_INT,
+        "seed": Interval(0, None, integer=True),
+        "calibration_fraction": FRACTION,
+        "target_far": FRACTION,
+        "sigma": NON_NEGATIVE,
+        "image_pooling": Options(POOLINGS),
+        "top_fraction": Interval(0.0, 1.0, low_open=True),
+        "pool_kernel": POSITIVE_INT,
+    }
+    # False: ``extract`` streams batches instead of caching the whole set (features too large to hold)
+    cache_features: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -61,6 +117,10 @@ class BaseDetector:
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
         target_far: float = 0.01,
+        sigma: float | None = None,
+        image_pooling: str | None = None,
+        top_fraction: float = 0.01,
+        pool_kernel: int = 16,
         progress: bool = True,
     ) -> None:
         self.backbone = backbone
@@ -71,54 +131,86 @@ class BaseDetector:
         self.batch_size = batch_size
         self.calibration_fraction = calibration_fraction
         self.target_far = target_far
+        self.sigma = sigma
+        self.image_pooling = image_pooling
+        self.top_fraction = top_fraction
+        self.pool_kernel = pool_kernel
         self.progress = progress
-        self._loading = False  # True while ``load`` rebuilds modules: skip weight resolution
 
-    # ----------------------------------------------------------------- hyper-parameters
+    # ----------------------------------------------------------------- hyper-parameters (scikit-learn style)
     @classmethod
     def param_names(cls) -> list[str]:
         """Keyword hyper-parameters accepted by ``__init__`` across the class hierarchy."""
-        names: list[str] = []
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for p in inspect.signature(init).parameters.values():
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self" and p.name not in names:
-                    names.append(p.name)
-        return names
+        return [p.name for p in init_params(cls)]
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
         """Each hyper-parameter with its default value."""
-        defaults: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for p in inspect.signature(init).parameters.values():
-                if p.name != "self" and p.default is not inspect.Parameter.empty:
-                    defaults[p.name] = p.default
-        return {name: defaults.get(name) for name in cls.param_names()}
+        return {p.name: (None if p.default is p.empty else p.default) for p in init_params(cls)}
 
     @classmethod
     def param_help(cls) -> dict[str, str]:
         """One line of help per hyper-parameter, read from the "Args:" sections of the class docstrings."""
         helps: dict[str, str] = {}
         for klass in reversed(cls.__mro__):
-            helps.update(_docstring_args(klass.__doc__ or ""))
+            helps.update(docstring_args(klass.__doc__ or ""))
         return {name: helps.get(name, "") for name in cls.param_names()}
 
+    @classmethod
+    def all_constraints(cls) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("constraints", {}))
+        return merged
+
     def get_params(self) -> dict[str, Any]:
-        """The hyper-parameters this detector was created with (JSON-able)."""
+        """The hyper-parameters as given to ``__init__`` (JSON-able: tuples become lists)."""
         return {name: _jsonable(getattr(self, name)) for name in self.param_names()}
+
+    def set_params(self, **params: Any) -> BaseDetector:
+        """Change hyper-parameters (takes effect at the next ``fit``); unknown names are refused."""
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameters {unknown}; known: {', '.join(self.param_names())}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def clone(self) -> BaseDetector:
+        """An unfitted detector with the same hyper-parameters."""
+        params = {k: copy.deepcopy(getattr(self, k)) for k in self.param_names()}
+        return type(self)(**params)
+
+    def resolved_params(self) -> dict[str, Any]:
+        """Every hyper-parameter with its effective value: presets and defaults filled in, all validated."""
+        values = {name: getattr(self, name) for name in self.param_names()}
+        values = resolve_params(values, self.presets, self.defaults, self.all_constraints(), self.name)
+        return self.derive_params(values)
+
+    def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Hook: values that follow from others after resolution (e.g. depths fitted to the number of stages)."""
+        return values
 
     def __repr__(self) -> str:
         defaults = self.param_defaults()
-        changed = {k: v for k, v in self.get_params().items() if defaults.get(k) != v}
+        changed = {k: v for k, v in self.get_params().items() if _jsonable(defaults.get(k)) != v}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
-    # ----------------------------------------------------------------- fitting
+    # ----------------------------------------------------------------- the lifecycle
+    def prepare(self) -> BaseDetector:
+        """Resolve the hyper-parameters, pick the device and build the frozen part (idempotent within a fit)."""
+        self.resolved_ = as_namespace(self.resolved_params())
+        self.device_ = resolve_device(self.device)
+        if self.device_.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} was asked for, but this machine has no CUDA device")
+        self.build_frozen(pretrained=True)
+        return self
+
+    def build_frozen(self, pretrained: bool) -> None:
+        """Build the frozen feature extractor (``backbone_``); ``pretrained=False`` when a bundle will fill it."""
+        self.backbone_ = Backbone(self.backbone, self.resolved_.stages, self.weights if pretrained else "random")
+        self.backbone_.to(self.device_)
+
     def fit(self, data: Any) -> BaseDetector:
         """Train on normal images of every category at once. Labels and categories are never read.
 
@@ -131,92 +223,164 @@ class BaseDetector:
         """
         started = time.perf_counter()
         seed_everything(self.seed)
-        self.device_ = resolve_device(self.device)
-        images = as_image_dataset(data)
+        self.fitted_ = False
+        self.calibration_ = None
+        self.prepare()
+        images = as_image_dataset(data, self.image_size)
         if len(images) == 0:
             raise ValueError("fit needs at least one training image; the data given is empty")
         train, holdout = split_holdout(images, self.calibration_fraction, self.seed)
-        self._fit(train)
-        self.fitted_ = True
-        self.threshold_ = float("nan")
+        self.fit_features(self.extract(train))
         if holdout is not None:
-            self.calibrate(holdout)
+            share = f"{self.calibration_fraction:g} of the {len(images)} training images"
+            self.calibrate(holdout, source=f"held out from training: {share}, never trained on")
         self.fit_seconds_ = time.perf_counter() - started  # whole fit, calibration included (for reports)
         return self
 
-    def calibrate(self, normal_images: Any, target_far: float | None = None) -> float:
-        """Set ``threshold_`` so that a share ``target_far`` of these normal images would be flagged."""
-        from omniad.calibration import threshold_at_far
+    def extract(self, data: Any) -> Features | FeatureStream:
+        """What the method trains on: ``features`` of every image, computed once (on the CPU), or a
+        ``FeatureStream`` for methods that do not cache. ``fit_features(extract(x))`` is ``fit(x)`` without the
+        hold-out, so one cache can train several models."""
+        if not hasattr(self, "resolved_"):
+            seed_everything(self.seed)
+            self.prepare()
+        images = as_image_dataset(data, self.image_size)
+        if not self.cache_features:
+            return FeatureStream(self, images, "backbone features")
+        with torch.no_grad():
+            parts = [
+                feature_to(self.features(batch.to(self.device_)), "cpu", torch.float32)
+                for batch in iterate_batches(images, self.batch_size, self.progress, "backbone features")
+            ]
+        if not parts:
+            raise ValueError("no images to extract features from")
+        return feature_cat(parts)
 
-        self._check_fitted()
-        far = self.target_far if target_far is None else target_far
-        scores = self.score_dataset(as_image_dataset(normal_images)).image_scores
-        self.calibration_scores_ = scores
-        self.threshold_ = threshold_at_far(scores.numpy(), far)
-        return self.threshold_
+    def fit_features(self, features: Features | FeatureStream, **options: Any) -> BaseDetector:
+        """Train on features from ``extract`` (seeded here, so the model is the same however they were made)."""
+        if not hasattr(self, "resolved_"):
+            self.prepare()
+        seed_everything(self.seed)
+        self.fitted_ = False
+        self.calibration_ = None
+        self.train_features(features, **options)
+        self.fitted_ = True
+        return self
 
-    def _fit(self, images: torch.utils.data.Dataset) -> None:
-        """Train on a dataset of (3, H, W) image tensors. Implemented by each method."""
+    def features(self, images: Tensor) -> Features:
+        """Frozen features of a batch of (B, 3, H, W) images on ``device_``; the backbone's stage maps by default."""
+        return self.backbone_(images)
+
+    def train_features(self, features: Features | FeatureStream, **options: Any) -> None:
+        """The method's training on cached features. Implemented by each method."""
+        raise NotImplementedError
+
+    def score_features(self, features: Features) -> Tensor:
+        """(B, h, w) raw anomaly maps of one batch of features on ``device_``. Implemented by each method."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- scoring
+    def postprocess(self, raw_maps: Tensor, size: tuple[int, int]) -> AnomalyScores:
+        """The score tail: up-sample raw maps to ``size``, smooth, pool the image scores."""
+        r = self.resolved_
+        scores, maps = to_scores(raw_maps, size, r.sigma, r.image_pooling, r.top_fraction, r.pool_kernel)
+        return AnomalyScores(scores, maps)
+
+    def preprocess(self, images: Any) -> Tensor:
+        """Check a batch and resize it to ``image_size`` (the same bilinear, antialiased resize as the readers)."""
+        from omniad.data.images import resize_image
+
+        images = _check_images(images)
+        return resize_image(images, self.image_size)
+
     @torch.no_grad()
     def score(self, images: Tensor) -> AnomalyScores:
         """Score a batch of images.
 
         Args:
-            images: (B, 3, H, W) floats in [0, 1].
+            images: (B, 3, H, W) floats in [0, 1]; other sizes are resized to ``image_size``.
 
         Returns:
-            ``AnomalyScores`` on the CPU: (B,) image scores and (B, H, W) maps; higher = more anomalous.
+            ``AnomalyScores`` on the CPU: (B,) image scores and (B, image_size, image_size) maps; higher = more
+            anomalous.
         """
         self._check_fitted()
-        images = _check_images(images)
-        out_scores, out_maps = [], []
-        for start in range(0, images.shape[0], self.batch_size):
-            batch = images[start : start + self.batch_size].to(self.device_)
-            result = self._score(batch)
-            out_scores.append(result.image_scores.float().cpu())
-            out_maps.append(result.anomaly_maps.float().cpu())
-        return AnomalyScores(torch.cat(out_scores), torch.cat(out_maps))
+        images = self.preprocess(images)
+        parts = [
+            self.score_batch(images[start : start + self.batch_size].to(self.device_))
+            for start in range(0, images.shape[0], self.batch_size)
+        ]
+        return _cat_cpu(parts)
+
+    def score_batch(self, images: Tensor) -> AnomalyScores:
+        """Scores of one pre-processed batch already on ``device_`` (left there): features -> raw maps -> tail."""
+        return self.postprocess(self.score_features(self.features(images)), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def score_cached(self, features: Features) -> AnomalyScores:
+        """Scores of features from ``extract`` (the numbers ``score`` gives on their images), in batches."""
+        self._check_fitted()
+        size = (self.image_size, self.image_size)
+        parts = []
+        for start in range(0, feature_count(features), self.batch_size):
+            chunk = feature_to(feature_slice(features, start, start + self.batch_size), self.device_, torch.float32)
+            parts.append(self.postprocess(self.score_features(chunk), size))
+        return _cat_cpu(parts)
 
     def score_dataset(self, data: Any, desc: str = "scoring") -> AnomalyScores:
         """Score every image of a dataset (of ``Sample`` or tensors) in batches, with a progress bar."""
-        from omniad.data.sources import iterate_batches
-
-        parts = [self.score(batch) for batch in iterate_batches(data, self.batch_size, self.progress, desc)]
+        parts = [
+            self.score(batch)
+            for batch in iterate_batches(as_image_dataset(data, self.image_size), self.batch_size, self.progress, desc)
+        ]
         if not parts:
             return AnomalyScores(torch.empty(0), torch.empty(0, self.image_size, self.image_size))
-        return AnomalyScores(torch.cat([p.image_scores for p in parts]), torch.cat([p.anomaly_maps for p in parts]))
+        return _cat_cpu(parts)
 
-    def _score(self, images: Tensor) -> AnomalyScores:
-        """Score one batch already on ``self.device_``. Implemented by each method."""
-        raise NotImplementedError
+    # ----------------------------------------------------------------- calibration
+    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None) -> Calibration:
+        """Set the decision rule (``calibration_``) so that a share ``target_far`` of these normal images would be
+        flagged. Returns the new ``Calibration``."""
+        self._check_fitted()
+        far = self.target_far if target_far is None else target_far
+        scores = self.score_dataset(normal_images, "calibrating").image_scores
+        self.calibration_ = Calibration.from_normal_scores(scores, far, source or "calibrate() on given images")
+        return self.calibration_
+
+    @property
+    def threshold_(self) -> float:
+        """The calibrated decision threshold (NaN when the detector has no calibration)."""
+        calibration = getattr(self, "calibration_", None)
+        return float("nan") if calibration is None else calibration.threshold
+
+    def decide(self, image_scores: Any) -> Any:
+        """Boolean decisions for image scores at the calibrated threshold."""
+        if getattr(self, "calibration_", None) is None:
+            raise NotFittedError(
+                f"{self.name} has no calibrated threshold: fit with calibration_fraction > 0 or call calibrate()"
+            )
+        return self.calibration_.decide(image_scores)
 
     def predict(self, images: Tensor) -> Tensor:
-        """Boolean decisions at the calibrated threshold."""
-        self._check_fitted()
-        if not math.isfinite(getattr(self, "threshold_", float("nan"))):
-            raise NotFittedError(
-                "this detector has no calibrated threshold: fit with calibration_fraction > 0 or call calibrate()"
-            )
-        return self.score(images).image_scores > self.threshold_
+        """Boolean decisions at the calibrated threshold for a batch of images."""
+        return torch.from_numpy(self.decide(self.score(images).image_scores))
 
     def _check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(data) or omniad.load_detector")
 
     # ----------------------------------------------------------------- persistence
-    def _modules(self) -> dict[str, nn.Module]:
+    def modules(self) -> dict[str, nn.Module]:
         """The modules whose state makes up the fitted model (saved and restored by name)."""
         raise NotImplementedError
 
-    def _meta(self) -> dict[str, Any]:
-        """JSON-able facts learned in ``fit`` that ``_build`` needs to recreate the modules' shapes."""
+    def meta(self) -> dict[str, Any]:
+        """JSON-able facts learned in ``fit`` that ``build`` needs to recreate the modules' shapes."""
         return {}
 
-    def _build(self, meta: dict[str, Any]) -> None:
-        """Create the (untrained) modules from the hyper-parameters and ``meta``; used by ``load``."""
+    def build(self, meta: dict[str, Any]) -> None:
+        """Create the trained modules, untrained, from the resolved parameters and ``meta`` (used by ``load``;
+        the frozen part is built already)."""
         raise NotImplementedError
 
     def save(self, path: str) -> None:
@@ -229,57 +393,49 @@ class BaseDetector:
         """Every learned tensor, keyed ``<module>.<param>``."""
         self._check_fitted()
         tensors: dict[str, Tensor] = {}
-        for prefix, module in self._modules().items():
+        for prefix, module in self.modules().items():
             for key, value in module.state_dict().items():
                 tensors[f"{prefix}.{key}"] = value
         return tensors
 
+    def rebuild(self, meta: dict[str, Any]) -> None:
+        """Recreate the fitted structure from a bundle's ``meta`` (untrained weights) and restore its calibration."""
+        self.resolved_ = as_namespace(self.resolved_params())
+        self.device_ = resolve_device(self.device)
+        if self.device_.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} was asked for, but this machine has no CUDA device")
+        self.build_frozen(pretrained=False)
+        self.build(meta)
+        saved = meta.get("calibration")
+        self.calibration_ = None if saved is None else Calibration.from_dict(saved, f"{self.name} calibration")
+        self.fitted_ = True
+
     def load_state(self, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         """Rebuild the modules from ``meta`` and fill them with ``tensors`` (inverse of ``state_tensors``)."""
-        self.device_ = resolve_device(self.device)
-        self._loading = True
-        try:
-            self._build(meta)
-        finally:
-            self._loading = False
-        for prefix, module in self._modules().items():
+        self.rebuild(meta)
+        expected = set()
+        for prefix, module in self.modules().items():
             own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            expected.update(f"{prefix}.{k}" for k in own)
             module.load_state_dict(own, strict=True)
             module.to(self.device_).eval()
-        self.fitted_ = True
+        extra = sorted(set(tensors) - expected)
+        if extra:
+            raise KeyError(f"tensors the model does not have: {', '.join(extra[:3])}")
 
     def fitted_meta(self) -> dict[str, Any]:
         """Everything besides tensors that a saved bundle carries."""
-        meta = dict(self._meta())
-        meta["threshold"] = getattr(self, "threshold_", float("nan"))
+        meta = dict(self.meta())
+        calibration = getattr(self, "calibration_", None)
+        meta["calibration"] = None if calibration is None else calibration.to_dict()
         return meta
 
 
-def _docstring_args(doc: str) -> dict[str, str]:
-    """Parse a Google-style "Args:" section into {name: description} (continuation lines joined)."""
-    out: dict[str, str] = {}
-    lines = doc.expandtabs().splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
-    except StopIteration:
-        return out
-    indent = None
-    current = None
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        width = len(line) - len(line.lstrip())
-        if indent is None:
-            indent = width
-        if width < indent:
-            break
-        if width == indent and ":" in line:
-            name, _, text = line.strip().partition(":")
-            current = name.strip().lstrip("*")
-            out[current] = text.strip()
-        elif current is not None:
-            out[current] += " " + line.strip()
-    return out
+def _cat_cpu(parts: list[AnomalyScores]) -> AnomalyScores:
+    return AnomalyScores(
+        torch.cat([p.image_scores.float().cpu() for p in parts]),
+        torch.cat([p.anomaly_maps.float().cpu() for p in parts]),
+    )
 
 
 def _check_images(images: Any) -> Tensor:
@@ -291,14 +447,21 @@ def _check_images(images: Any) -> Tensor:
         raise ValueError(f"score expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"score expects float images in [0, 1], got dtype {images.dtype}")
+    if images.numel():
+        low, high = float(images.min()), float(images.max())
+        if not (low >= -1e-6 and high <= 1 + 1e-6):  # also catches NaN
+            raise ValueError(
+                f"score expects images with values in [0, 1], got values in [{low:.4g}, {high:.4g}] (images of "
+                "0-255 must be divided by 255; normalisation is the detector's own)"
+            )
     return images
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "item") and not isinstance(value, Tensor):
         return value.item()
     return value

@@ -1,6 +1,6 @@
 """Metrics of the pinned protocol (DESIGN.md section 4) and ``evaluate`` -> ``Report``."""
 
-from omniad.metrics.evaluate import PROTOCOL, evaluate
+from omniad.metrics.evaluate import PROTOCOL, ScoredSet, describe_detector, evaluate, report_from_scores, score_set
 from omniad.metrics.pro import aupro, pixel_metrics
 from omniad.metrics.ranking import (
     auroc,
@@ -22,7 +22,11 @@ __all__ = [
     "aupro",
     "auroc",
     "average_precision",
+    "ScoredSet",
+    "describe_detector",
     "evaluate",
+    "report_from_scores",
+    "score_set",
     "f1_max",
     "image_ap",
     "image_auroc",

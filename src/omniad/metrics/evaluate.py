@@ -8,6 +8,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,39 +34,54 @@ PROTOCOL = (
 )
 
 
-def evaluate(
-    detector: Any,
-    dataset: Any,
-    calibration: Any = None,
-    target_far: float | None = None,
-    progress: bool = True,
-    batch_size: int | None = None,
-) -> Report:
-    """Score every test image and report the protocol's metrics.
+@dataclass
+class ScoredSet:
+    """A labelled test set's scores: what ``report_from_scores`` turns into a ``Report``.
 
-    Args:
-        detector: a fitted detector (``score(images) -> AnomalyScores``).
-        dataset: a dataset (or list) of ``omniad.types.Sample`` with labels, masks and categories.
-        calibration: optional normal images (dataset of ``Sample`` or tensors) to set the decision threshold
-            on; by default the detector's own ``threshold_`` (calibrated in ``fit`` on held-out normal
-            training images) is used.
-        target_far: false-alarm rate the threshold aims at on the calibration images; default
-            ``detector.target_far``. Without ``calibration``, a given ``target_far`` re-calibrates on the
-            detector's held-out scores (``calibration_scores_``) when it has them.
-        progress: show a progress bar.
-        batch_size: images per ``score`` call; default ``detector.batch_size`` (or 16).
-
-    Returns:
-        A ``Report`` with one row per category, ``mean`` and ``mixed``, its meta, and the raw per-image
-        scores.
+    Attributes:
+        scores: (N,) image scores (float64).
+        maps: (N, H, W) anomaly maps (float32), or None when only image scores exist.
+        labels: (N,) 0 = normal, 1 = anomalous.
+        masks: (N, H, W) boolean ground truth, or None.
+        has_mask: (N,) whether the sample's category has pixel ground truth.
+        categories, defect_types, paths: per-sample metadata.
+        score_seconds: time spent in ``score`` (for the report's throughput).
     """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    categories: list[str]
+    maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    has_mask: np.ndarray | None = None
+    defect_types: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    score_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        n = self.scores.size
+        if self.labels.size != n or len(self.categories) != n:
+            raise ValueError(f"{n} scores, {self.labels.size} labels and {len(self.categories)} categories differ")
+        if self.has_mask is None:
+            self.has_mask = np.full(n, self.masks is not None)
+        self.defect_types = self.defect_types or ["good" if y == 0 else "defect" for y in self.labels]
+        self.paths = self.paths or [""] * n
+        bad = ~np.isfinite(self.scores)
+        if bad.any():
+            first = self.paths[int(np.flatnonzero(bad)[0])] or f"image {int(np.flatnonzero(bad)[0])}"
+            raise ValueError(f"{int(bad.sum())} image scores are NaN or infinite (first: {first})")
+
+
+def score_set(detector: Any, dataset: Any, progress: bool = True, batch_size: int | None = None) -> ScoredSet:
+    """Score every sample of a labelled test set (dataset or list of ``Sample``) with a fitted detector."""
     from omniad.data.sources import iterate_samples
 
     n = len(dataset)
     if n == 0:
         raise ValueError("evaluate needs at least one test sample; the dataset given is empty")
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
-    started = time.perf_counter()
     score_seconds = 0.0
     scores = np.empty(n, dtype=np.float64)
     labels = np.empty(n, dtype=np.int64)
@@ -105,20 +121,83 @@ def evaluate(
         defect_types += batch.defect_types
         paths += batch.paths
         pos += b
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{type(detector).__name__} returned NaN or infinite image scores")
+    return ScoredSet(scores, labels, categories, maps, masks, has_mask, defect_types, paths, score_seconds)
 
-    threshold, threshold_source, far = _threshold(detector, calibration, target_far, batch_size, progress)
-    names = list(dict.fromkeys(categories))
+
+def evaluate(
+    detector: Any,
+    dataset: Any,
+    calibration: Any = None,
+    target_far: float | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+) -> Report:
+    """Score every test image and report the protocol's metrics: ``score_set`` then ``report_from_scores``.
+
+    Args:
+        detector: a fitted detector (``score(images) -> AnomalyScores``).
+        dataset: a dataset (or list) of ``omniad.types.Sample`` with labels, masks and categories.
+        calibration: optional normal images (dataset of ``Sample`` or tensors) to set the decision threshold
+            on; by default the detector's own ``calibration_`` (set in ``fit`` on held-out normal training
+            images) is used.
+        target_far: false-alarm rate the threshold aims at; default the calibration's own. Without
+            ``calibration`` images, the detector's held-out normal scores are re-calibrated at this rate (also
+            for a loaded model: the scores are saved with it).
+        progress: show a progress bar.
+        batch_size: images per ``score`` call; default ``detector.batch_size`` (or 16).
+
+    Returns:
+        A ``Report`` with one row per category, ``mean`` and ``mixed``, its meta, and the raw per-image
+        scores.
+    """
+    started = time.perf_counter()
+    scored = score_set(detector, dataset, progress, batch_size)
+    if calibration is not None:
+        from omniad.calibration import Calibration
+
+        far = float(target_far if target_far is not None else getattr(detector, "target_far", 0.01))
+        normal = score_set_images(detector, calibration, progress, batch_size)
+        decision = Calibration.from_normal_scores(normal, far, f"calibration set of {normal.size} normal images")
+    else:
+        decision = getattr(detector, "calibration_", None)
+        if decision is not None and target_far is not None:
+            decision = decision.at(target_far)
+    report = report_from_scores(scored, decision, describe_detector(detector))
+    report.meta["eval_seconds"] = time.perf_counter() - started
+    return report
+
+
+def score_set_images(detector: Any, images: Any, progress: bool = False, batch_size: int | None = None) -> np.ndarray:
+    """Image scores of a set of (normal) images without labels, e.g. for calibration."""
+    from omniad.data.sources import iterate_batches
+
+    batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
+    parts = [
+        detector.score(batch).image_scores.detach().double().cpu().reshape(-1)
+        for batch in iterate_batches(images, batch_size, progress, desc="calibrating")
+    ]
+    if not parts:
+        raise ValueError("the calibration set is empty")
+    return torch.cat(parts).numpy()
+
+
+def report_from_scores(scored: ScoredSet, calibration: Any = None, detector_meta: dict[str, Any] | None = None
+                       ) -> Report:
+    """The protocol's metrics from scores: one row per category, their mean, the mixed row, and decisions at the
+    one calibrated threshold (``calibration``: an ``omniad.calibration.Calibration`` or None)."""
+    n = scored.scores.size
+    names = list(dict.fromkeys(scored.categories))
     clash = [name for name in names if name in ("mean", "mixed")]
     if clash:
         raise ValueError(f"a category may not be named {clash[0]!r}: that name is taken by an aggregate row")
-    cat_array = np.asarray(categories)
+    flagged = calibration.decide(scored.scores) if calibration is not None else None
+    cat_array = np.asarray(scored.categories)
+    masks, maps, has_mask = scored.masks, scored.maps, scored.has_mask
     notes: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         index = np.flatnonzero(cat_array == name)
-        rows[name] = _row(scores, labels, index, threshold, _pixel_part(masks, maps, index, has_mask))
+        rows[name] = _row(scored.labels, scored.scores, index, flagged, _pixel_part(masks, maps, index, has_mask))
         if not has_mask[index].any():
             rows[name]["pixel_gt"] = False
     without_gt = [name for name in names if not rows[name]["pixel_gt"]]
@@ -127,23 +206,30 @@ def evaluate(
             f"no pixel ground truth for {', '.join(without_gt)}: their pixel metrics are n/a, and the mean "
             "and mixed pixel metrics cover the other categories only"
         )
-    map_size = list(maps.shape[1:]) if maps is not None else None
     rows["mean"] = _mean_row([rows[name] for name in names])
-    rows["mixed"] = _row(
-        scores, labels, np.arange(n), threshold, _pixel_part(masks, maps, np.arange(n), has_mask)
-    )
-    del maps, masks
-    if not math.isfinite(threshold):
+    everything = np.arange(n)
+    rows["mixed"] = _row(scored.labels, scored.scores, everything, flagged,
+                         _pixel_part(masks, maps, everything, has_mask))
+    if calibration is None:
         notes.append("the detector has no calibrated threshold: decision metrics are n/a")
-    eval_seconds = time.perf_counter() - started
-
-    meta = _meta(
-        detector, n, labels, score_seconds, eval_seconds, threshold, threshold_source, far, cat_array
-    )
-    meta["categories"] = names
-    meta["map_size"] = map_size
-    meta["notes"] = notes
-    return Report(rows, meta, scores, labels, categories, defect_types, paths)
+    meta: dict[str, Any] = {"protocol": PROTOCOL, "fpr_limit": FPR_LIMIT, **(detector_meta or {})}
+    meta.update({
+        "n_images": n,
+        "n_normal": int(np.sum(scored.labels == 0)),
+        "n_defective": int(np.sum(scored.labels == 1)),
+        "n_categories": len(names),
+        "categories": names,
+        "map_size": list(maps.shape[1:]) if maps is not None else None,
+        "score_seconds": scored.score_seconds,
+        "images_per_second": n / scored.score_seconds if scored.score_seconds > 0 else None,
+        "threshold": calibration.threshold if calibration is not None else float("nan"),
+        "threshold_source": calibration.describe() if calibration is not None else "none (detector not calibrated)",
+        "target_far": calibration.target_far if calibration is not None else None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "notes": notes,
+    })
+    return Report(rows, meta, scored.scores, scored.labels, list(scored.categories), list(scored.defect_types),
+                  list(scored.paths))
 
 
 def _contiguous(index: np.ndarray) -> slice | np.ndarray:
@@ -156,7 +242,7 @@ def _contiguous(index: np.ndarray) -> slice | np.ndarray:
 def _pixel_part(
     masks: np.ndarray, maps: np.ndarray, index: np.ndarray, has_mask: np.ndarray
 ) -> dict[str, float]:
-    index = index[has_mask[index]]
+    index = index[has_mask[index]] if masks is not None else index[:0]
     if index.size == 0:
         return {key: float("nan") for key in ("auroc", "ap", "f1max", "aupro")}
     where = _contiguous(index)
@@ -179,15 +265,15 @@ def _decisions(labels: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
 
 
 def _row(
-    scores: np.ndarray, labels: np.ndarray, index: np.ndarray, threshold: float, pixel: dict[str, float]
+    labels: np.ndarray, scores: np.ndarray, index: np.ndarray, flagged: np.ndarray | None, pixel: dict[str, float]
 ) -> dict[str, Any]:
     y, s = labels[index], scores[index]
     image = ranking_metrics(y, s)
     row: dict[str, Any] = {"n_normal": int(np.sum(y == 0)), "n_defective": int(np.sum(y == 1))}
     row.update({f"image_{k}": v for k, v in image.items()})
     row.update({f"pixel_{k}": v for k, v in pixel.items()})
-    if math.isfinite(threshold):
-        row.update(_decisions(y, s > threshold))
+    if flagged is not None:
+        row.update(_decisions(y, flagged[index]))
     else:
         row.update({key: float("nan") for key, _ in DECISION_COLUMNS})
     row["pixel_gt"] = True
@@ -207,89 +293,26 @@ def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _threshold(
-    detector: Any, calibration: Any, target_far: float | None, batch_size: int, progress: bool
-) -> tuple[float, str, float | None]:
-    """The decision threshold, a description of where it came from, and its target false-alarm rate."""
-    from omniad.calibration import threshold_at_far
-
-    far = float(target_far if target_far is not None else getattr(detector, "target_far", 0.01))
-    if calibration is not None:
-        from omniad.data.sources import iterate_batches
-
-        parts = [
-            detector.score(images).image_scores.detach().double().cpu().reshape(-1)
-            for images in iterate_batches(calibration, batch_size, progress, desc="calibrating")
-        ]
-        if not parts:
-            raise ValueError("the calibration set is empty")
-        normal = torch.cat(parts).numpy()
-        return (
-            threshold_at_far(normal, far),
-            f"calibration set of {normal.size} normal images, target FAR {far}",
-            far,
-        )
-    held_out = getattr(detector, "calibration_scores_", None)
-    if target_far is not None and held_out is not None:
-        normal = np.asarray(held_out.numpy() if hasattr(held_out, "numpy") else held_out, dtype=np.float64)
-        return (
-            threshold_at_far(normal, far),
-            f"{normal.size} held-out normal training images, target FAR {far}",
-            far,
-        )
-    threshold = float(getattr(detector, "threshold_", float("nan")))
-    if not math.isfinite(threshold):
-        return threshold, "none (detector not calibrated)", None
-    fit_far = getattr(detector, "target_far", None)
-    return (
-        threshold,
-        f"detector.threshold_ from held-out normal training images, target FAR {fit_far}",
-        fit_far,
-    )
-
-
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def _meta(
-    detector: Any,
-    n: int,
-    labels: np.ndarray,
-    score_seconds: float,
-    eval_seconds: float,
-    threshold: float,
-    threshold_source: str,
-    far: float | None,
-    categories: np.ndarray,
-) -> dict[str, Any]:
+def describe_detector(detector: Any) -> dict[str, Any]:
+    """What a report states about the detector: method, parameters, backbone, weights, image size, seed, device,
+    fit time and versions."""
     get_params = getattr(detector, "get_params", None)
     backbone_module = getattr(detector, "backbone_", None)
     device = getattr(detector, "device_", None)
     meta: dict[str, Any] = {
-        "protocol": PROTOCOL,
-        "fpr_limit": FPR_LIMIT,
         "detector": getattr(detector, "name", None) or type(detector).__name__,
         "detector_class": type(detector).__name__,
         "params": get_params() if callable(get_params) else {},
         "backbone": getattr(backbone_module, "name", None) or getattr(detector, "backbone", None),
-        "weights_source": getattr(backbone_module, "weights_source", None)
-        or getattr(detector, "weights", None),
+        "weights_source": getattr(backbone_module, "weights_source", None) or getattr(detector, "weights", None),
         "image_size": getattr(detector, "image_size", None),
         "seed": getattr(detector, "seed", None),
-        "n_images": n,
-        "n_normal": int(np.sum(labels == 0)),
-        "n_defective": int(np.sum(labels == 1)),
-        "n_categories": int(len(set(categories.tolist()))),
         "fit_seconds": getattr(detector, "fit_seconds_", None),
-        "score_seconds": score_seconds,
-        "images_per_second": n / score_seconds if score_seconds > 0 else None,
-        "eval_seconds": eval_seconds,
-        "peak_rss_mb": _peak_rss_mb(),
-        "threshold": threshold,
-        "threshold_source": threshold_source,
-        "target_far": far,
         "device": str(device) if device is not None else "unknown",
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

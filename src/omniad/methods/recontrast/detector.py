@@ -1,21 +1,20 @@
-"""ReContrast detector ("recontrast"): fit loop with a trainable encoder copy, hard mining, presets."""
+"""ReContrast detector ("recontrast"): training with a trainable encoder copy, hard mining, presets."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
+from omniad.methods.distillation import DistillationDetector
 from omniad.methods.recontrast.network import RecontrastNet, hard_mining_alpha, recontrast_loss
-from omniad.methods.revdist.detector import RevDist, batch_indices, train_iterations
 from omniad.methods.revdist.network import anomaly_map
-from omniad.postprocess import image_score
+from omniad.params import Interval
 from omniad.registry import register_detector
-from omniad.types import AnomalyScores
+from omniad.training import batch_indices, train
 
 # paper: the Dinomaly authors' multi-class ReContrast setting with RD's WideResNet-50 depths, whole encoder
 #        trainable.
@@ -59,35 +58,8 @@ def freeze_leading_stages(encoder: Backbone, stages: int) -> None:
         param.requires_grad_(False)
 
 
-class FirstVisitCache:
-    """Images and frozen-encoder maps of a training set, computed the first time each image is drawn and kept.
-
-    The trainable encoder needs the images at every step, so only the images and the frozen branch can be
-    cached. Filling the cache on first visit means a short CPU run (fewer draws than images) never decodes or
-    encodes images it does not use, and a long run pays once per image, like ``extract_features``.
-    """
-
-    def __init__(self, images: torch.utils.data.Dataset, backbone: nn.Module, device: torch.device) -> None:
-        self.images, self.backbone, self.device = images, backbone, device
-        self.store: dict[int, tuple[Tensor, list[Tensor]]] = {}
-
-    @torch.no_grad()
-    def get(self, index: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(B, 3, H, W) images and the frozen encoder's maps for these dataset indices, on the device."""
-        missing = [i for i in index.tolist() if i not in self.store]
-        if missing:
-            pictures = torch.stack([self.images[i] for i in missing]).to(self.device)
-            maps = self.backbone(pictures)
-            for j, i in enumerate(missing):
-                self.store[i] = (pictures[j].cpu(), [m[j].cpu() for m in maps])
-        items = [self.store[i] for i in index.tolist()]
-        pictures = torch.stack([item[0] for item in items]).to(self.device)
-        maps = [torch.stack([item[1][k] for item in items]).to(self.device) for k in range(len(items[0][1]))]
-        return pictures, maps
-
-
 @register_detector("recontrast")
-class Recontrast(RevDist):
+class Recontrast(DistillationDetector):
     """ReContrast: anomaly detection via contrastive reconstruction (Guo et al., NeurIPS 2023).
 
     Reverse Distillation with two encoders: a frozen pretrained one and a trainable copy (small learning rate,
@@ -99,9 +71,9 @@ class Recontrast(RevDist):
     map is the sum of the per-location cosine distances over both branches and all stages, up-sampled and
     blurred (sigma 4); the image score is the mean of the top 1% of the map.
 
-    The trainable encoder cannot train on a feature cache: every step runs it forward and backward on the
-    images. What can be cached is, once per image, on first draw (``FirstVisitCache``): the images themselves
-    and the frozen encoder's maps (on the CPU, float32: about 0.8 + 0.6 MB per 256-px image with lite0).
+    The trainable encoder cannot train on a feature cache alone: every step runs it forward and backward on the
+    images. What is cached (``features``) is the images themselves with the frozen encoder's maps (on the CPU,
+    float32: about 0.8 + 0.6 MB per 256-px image with lite0).
     ``encoder_frozen_stages`` (the "cpu" preset) also saves the backward pass through the early
     high-resolution layers.
 
@@ -116,8 +88,8 @@ class Recontrast(RevDist):
         hm_factor: gradient factor of the easy points (0: ignored).
         encoder_frozen_stages: returned encoder stages (with everything before them) kept frozen in the
             trainable copy (paper 0: all trainable; cpu 1).
-        **kwargs: ``RevDist`` arguments (preset, stages, iterations, train_batch_size, lr, betas,
-            weight_decay, widths and depths, sigma, pooling) and ``BaseDetector`` arguments.
+        **kwargs: see ``DistillationDetector`` (preset, stages, iterations, train_batch_size, lr, betas,
+            weight_decay, widths and depths) and ``BaseDetector``.
 
     Attributes:
         backbone_: the frozen ``Backbone``.
@@ -129,6 +101,15 @@ class Recontrast(RevDist):
     test_params: dict[str, Any] = {"preset": "cpu", "iterations": 20}
 
     presets = RECONTRAST_PRESETS
+    test_params: dict[str, Any] = {"preset": "cpu", "iterations": 20}
+    constraints = {
+        "encoder_lr": Interval(0.0, None),
+        "lr_decay_at": Interval(0.0, 1.0),
+        "lr_decay": Interval(0.0, 1.0, low_open=True),
+        "hm_warmup": Interval(0.0, 1.0),
+        "hm_factor": Interval(0.0, 1.0),
+        "encoder_frozen_stages": Interval(0, None, integer=True),
+    }
 
     def __init__(
         self,
@@ -153,58 +134,62 @@ class Recontrast(RevDist):
         self.hm_alpha_end = hm_alpha_end
         self.hm_warmup = hm_warmup
         self.hm_factor = hm_factor
-        if encoder_frozen_stages is None:
-            encoder_frozen_stages = self.presets[self.preset]["encoder_frozen_stages"]
-        self.encoder_frozen_stages = int(encoder_frozen_stages)
+        self.encoder_frozen_stages = encoder_frozen_stages
 
-    # ----------------------------------------------------------------- modules
-    def _make_net(self, channels: Sequence[int], strides: Sequence[int]) -> RecontrastNet:
+    def _make_net(self) -> RecontrastNet:
+        r = self.resolved_
         encoder = copy.deepcopy(self.backbone_)
         encoder.requires_grad_(True)
-        freeze_leading_stages(encoder, self.encoder_frozen_stages)
+        freeze_leading_stages(encoder, r.encoder_frozen_stages)
         return RecontrastNet(
             encoder,
-            channels,
-            strides,
-            embed_channels=self.embed_channels,
-            bottleneck_blocks=self.bottleneck_blocks,
-            decoder_blocks=self.decoder_blocks,
-            width_ratio=self.width_ratio,
-            decoder_activation=self.decoder_activation,
+            self.backbone_.channels,
+            self.backbone_.strides,
+            embed_channels=r.embed_channels,
+            bottleneck_blocks=r.bottleneck_blocks,
+            decoder_blocks=r.decoder_blocks,
+            width_ratio=r.width_ratio,
+            decoder_activation=r.decoder_activation,
         )
 
-    # ----------------------------------------------------------------- fitting
-    def _fit(self, images: torch.utils.data.Dataset) -> None:
-        self._build({})
-        cache = FirstVisitCache(images, self.backbone_.eval(), self.device_)
+    def features(self, images: Tensor) -> list[Tensor]:
+        """The images themselves (the trainable encoder reads them) and the frozen encoder's maps."""
+        return [images, *self.backbone_(images)]
+
+    def train_features(self, features: list[Tensor]) -> None:
+        r = self.resolved_
+        self.net_ = self._make_net().to(self.device_)
         encoder_params = [p for p in self.net_.encoder.parameters() if p.requires_grad]
         encoder_ids = {id(p) for p in self.net_.encoder.parameters()}
         other_params = [p for p in self.net_.parameters() if id(p) not in encoder_ids]
         groups = [{"params": other_params}]
         if encoder_params:
-            groups.append({"params": encoder_params, "lr": self.encoder_lr})
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, amsgrad=self.amsgrad
-        )
+            groups.append({"params": encoder_params, "lr": r.encoder_lr})
+        optimizer = torch.optim.AdamW(groups, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay, amsgrad=r.amsgrad)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[int(self.iterations * self.lr_decay_at)], gamma=self.lr_decay
+            optimizer, milestones=[int(r.iterations * r.lr_decay_at)], gamma=r.lr_decay
         )
         generator = torch.Generator().manual_seed(self.seed)
 
-        def loss_of_batch(it: int, index: Tensor) -> Tensor:
-            alpha = hard_mining_alpha(it, self.iterations, self.hm_alpha_start, self.hm_alpha_end, self.hm_warmup)
-            targets, recons = self.net_(*cache.get(index))
-            return recontrast_loss(targets, recons, alpha, self.hm_factor)
+        def loss_of_batch(step: int, index: Tensor) -> Tensor:
+            alpha = hard_mining_alpha(step, r.iterations, r.hm_alpha_start, r.hm_alpha_end, r.hm_warmup)
+            images, *frozen = (f[index].to(self.device_, torch.float32) for f in features)
+            targets, recons = self.net_(images, frozen)
+            return recontrast_loss(targets, recons, alpha, r.hm_factor)
 
-        batches = batch_indices(len(images), self.train_batch_size, self.iterations, generator)
-        self.loss_history_: list[float] = train_iterations(
-            self.net_, optimizer, batches, loss_of_batch, self.iterations, self.progress, "recontrast training",
-            scheduler,
+        batches = batch_indices(features[0].shape[0], r.train_batch_size, r.iterations, generator)
+        self.loss_history_: list[float] = train(
+            self.net_, optimizer, batches, loss_of_batch, total=r.iterations, desc="recontrast training",
+            progress=self.progress, scheduler=scheduler,
         )
 
-    # ----------------------------------------------------------------- scoring
-    def _score(self, images: Tensor) -> AnomalyScores:
-        self.net_.eval()
-        targets, recons = self.net_(images, self.backbone_(images))
-        maps = anomaly_map(targets, recons, tuple(images.shape[-2:]), self.sigma)
-        return AnomalyScores(image_score(maps, self.pooling), maps)
+    def score_features(self, features: list[Tensor]) -> Tensor:
+        images, *frozen = features
+        targets, recons = self.net_(images, frozen)
+        return anomaly_map(targets, recons, tuple(images.shape[-2:]))
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone_, "net": self.net_}
+
+    def build(self, meta: dict[str, Any]) -> None:
+        self.net_ = self._make_net().to(self.device_)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniad.postprocess import gaussian_blur, upsample
+from omniad.postprocess import upsample
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -245,14 +245,11 @@ def revdist_loss(encoder: Sequence[Tensor], decoder: Sequence[Tensor]) -> Tensor
     return torch.stack([d.mean() for d in distances]).mean()
 
 
-def anomaly_map(
-    encoder: Sequence[Tensor], decoder: Sequence[Tensor], size: tuple[int, int], sigma: float = 4.0
-) -> Tensor:
-    """Sum over stages of the cosine-distance maps up-sampled to ``size``, then Gaussian-blurred: (B, H,
-    W)."""
+def anomaly_map(encoder: Sequence[Tensor], decoder: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    """Sum over stages of the cosine-distance maps up-sampled to ``size``: (B, H, W) (RD's raw map; the
+    detector's post-processing smooths it)."""
     distances = cosine_distance_maps(encoder, decoder)
-    total = torch.stack([upsample(d, size) for d in distances]).sum(dim=0)
-    return gaussian_blur(total, sigma)
+    return torch.stack([upsample(d, size) for d in distances]).sum(dim=0)
 
 
 __all__ = [

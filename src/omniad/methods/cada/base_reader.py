@@ -1,9 +1,8 @@
-"""Machinery CADA and its class-aware variants share: building the wrapped base detector, reading frozen features
-next to the base's anomaly maps, collecting the training statistics once, and the SGD loop of the heads."""
+"""What CADA (and the class-aware variants in ``omniad.align``) need of the wrapped base detector: building it,
+reading frozen features next to its anomaly maps, and collecting the training statistics once."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniad.align.stats import map_moments
+from omniad.methods.cada.alignment import map_moments
 from omniad.backbone import Backbone
 from omniad.data.sources import iterate_batches
 from omniad.methods.base import BaseDetector
@@ -68,7 +67,7 @@ def build_base(name: str, base_params: dict[str, Any], common: dict[str, Any]) -
 def _saved_with_base(base: BaseDetector, module: nn.Module) -> bool:
     """Whether ``module`` is part of what the base saves (so its weights travel in the base's part of a bundle)."""
     try:
-        modules = base._modules()
+        modules = base.modules()
     except (NotImplementedError, AttributeError):
         return False
     return any(m is module for top in modules.values() for m in top.modules())
@@ -123,7 +122,7 @@ class FeatureReader:
 
             handle = self.backbone.register_forward_hook(hook)
         try:
-            result = base._score(images)
+            result = base.score_batch(images)
         finally:
             if handle is not None:
                 handle.remove()
@@ -192,7 +191,7 @@ def collect_alignment_data(
     for batch in iterate_batches(images, batch_size, progress, "alignment targets"):
         batch = batch.to(base.device_)
         if reader is None:
-            result, feats = base._score(batch), torch.zeros(batch.shape[0], 0, 1, 1)
+            result, feats = base.score_batch(batch), torch.zeros(batch.shape[0], 0, 1, 1)
         else:
             result, feats = reader.base_and_features(base, batch)
         moments.append(map_moments(result.anomaly_maps.float().cpu()))
@@ -200,58 +199,6 @@ def collect_alignment_data(
     if not moments:
         raise ValueError("no training images to compute alignment targets from")
     return AlignmentData(torch.cat(moments), torch.cat(features), -1 if reader is None else reader.stage)
-
-
-def train_head(
-    net: nn.Module,
-    features: Tensor,
-    targets: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    *,
-    iterations: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    seed: int,
-    device: torch.device,
-    progress: bool = False,
-    desc: str = "alignment head",
-) -> list[float]:
-    """SGD on cached features: ``iterations`` mini-batches drawn from seeded reshuffles of the cache.
-
-    ``loss_fn(outputs, targets)`` sees the net's ``forward_normalised`` outputs. Returns the loss per iteration.
-    """
-    n = features.shape[0]
-    if n == 0:
-        raise ValueError("no training features for the alignment head")
-    batch_size = max(1, min(batch_size, n))
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout draws from the global generator
-    net.to(device).train()
-    optimiser = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    order = torch.randperm(n, generator=generator)
-    cursor, losses = 0, []
-    steps: Any = range(iterations)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=desc, unit="it", leave=False)
-    for _ in steps:
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        loss = loss_fn(net.forward_normalised(features[index].to(device)), targets[index].to(device))
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{desc}: the loss became {value}; lower lr or check the base's maps")
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(value)
-    net.eval()
-    return losses
 
 
 __all__ = [
@@ -263,5 +210,4 @@ __all__ = [
     "collect_alignment_data",
     "jsonable_params",
     "make_feature_reader",
-    "train_head",
 ]
