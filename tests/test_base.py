@@ -12,7 +12,7 @@ from omniad import registry
 from omniad.calibration import threshold_at_far
 from omniad.methods.base import BaseDetector, NotFittedError
 from omniad.registry import create_detector, detector_class, register_detector
-from omniad.types import AnomalyScores, Sample
+from omniad.types import Sample
 
 SIZE = 16
 
@@ -25,32 +25,38 @@ class _SpyNet(nn.Module):
 
 
 class _Spy(BaseDetector):
-    """Records what ``_fit`` receives; score = distance to the mean training colour (+ seeded noise).
+    """Records what ``train_features`` receives; score = distance to the mean training colour (+ seeded noise).
 
     Args:
         offset: added to every map value.
         **common: see ``BaseDetector``.
     """
 
+    defaults = {"sigma": 0.0, "image_pooling": "max"}
+
     def __init__(self, *, offset: float = 0.0, **common):
         super().__init__(**common)
         self.offset = offset
 
-    def _fit(self, images):
-        self.received = [images[i] for i in range(len(images))]
-        stacked = torch.stack(self.received)
+    def build_frozen(self, pretrained):
+        pass  # no backbone: the features are the images themselves
+
+    def features(self, images):
+        return images
+
+    def train_features(self, features):
+        self.received = list(features.unbind(0))
         self.net_ = _SpyNet()
-        self.net_.mean.copy_(stacked.mean(dim=(0, 2, 3)).view(3, 1, 1))
-        self.net_.noise.copy_(torch.rand(()))  # global RNG: seeded by fit
+        self.net_.mean.copy_(features.mean(dim=(0, 2, 3)).view(3, 1, 1))
+        self.net_.noise.copy_(torch.rand(()))  # global RNG: seeded by fit_features
 
-    def _score(self, images):
-        maps = (images - self.net_.mean).abs().mean(1) + self.offset + self.net_.noise
-        return AnomalyScores(maps.flatten(1).max(1).values, maps)
+    def score_features(self, features):
+        return (features - self.net_.mean).abs().mean(1) + self.offset + self.net_.noise
 
-    def _modules(self):
+    def modules(self):
         return {"net": self.net_}
 
-    def _build(self, meta):
+    def build(self, meta):
         self.net_ = _SpyNet()
 
 
@@ -72,7 +78,7 @@ def _ids(images) -> set[float]:
 
 
 def _make(name, **kw):
-    return create_detector(name, **{"device": "cpu", "progress": False, "batch_size": 4, **kw})
+    return create_detector(name, **{"device": "cpu", "progress": False, "batch_size": 4, "image_size": SIZE, **kw})
 
 
 def test_score_before_fit_raises_clear_error(spy):
@@ -91,7 +97,12 @@ def test_params_round_trip_and_documentation():
     assert params["stages"] == [1, 2] and params["seed"] == 7 and params["coreset_ratio"] == 0.05
     again = create_detector("patchcore", **params)
     assert again.get_params() == params
-    assert again.stages == (1, 2)
+    assert again.stages == [1, 2]  # stored as given (scikit-learn's rule)
+    copy = det.clone()
+    assert copy is not det and copy.get_params() == params and not hasattr(copy, "fitted_")
+    assert det.set_params(coreset_ratio=0.2) is det and det.get_params()["coreset_ratio"] == 0.2
+    with pytest.raises(ValueError, match="unknown parameters \\['nope'\\]"):
+        det.set_params(nope=1)
     cls = detector_class("patchcore")
     names = cls.param_names()
     for method_param in ("stages", "coreset_ratio", "projection_dim"):
@@ -106,7 +117,7 @@ def test_params_round_trip_and_documentation():
     assert "greedy" in helps["coreset_candidates"]  # continuation lines are joined
     assert all(helps[n] for n in names), {n for n in names if not helps[n]}
     assert "repeatable" in helps["seed"]
-    assert repr(det).startswith("PatchCore(") and "coreset_ratio=0.05" in repr(det) and "batch_size" not in repr(det)
+    assert repr(det).startswith("PatchCore(") and "coreset_ratio=0.2" in repr(det) and "batch_size" not in repr(det)
 
 
 def test_fit_accepts_tensor_list_and_samples_and_never_passes_labels(spy):
@@ -137,8 +148,10 @@ def test_calibration_holdout_is_never_trained_on(spy):
     held_out = torch.stack([im for im in images if round(float(im[0, 0, 0]), 6) not in trained])
     assert len(held_out) == 5
     expected = threshold_at_far(det.score(held_out).image_scores.numpy(), 0.1)
-    assert det.threshold_ == expected
-    assert sorted(det.calibration_scores_.tolist()) == sorted(det.score(held_out).image_scores.tolist())
+    assert det.threshold_ == expected == det.calibration_.threshold
+    assert det.calibration_.target_far == 0.1 and "held out" in det.calibration_.source
+    assert sorted(det.calibration_.normal_scores.tolist()) == pytest.approx(
+        sorted(det.score(held_out).image_scores.tolist()))
     decisions = det.predict(images)
     assert decisions.dtype == torch.bool and decisions.shape == (20,)
     assert torch.equal(decisions, det.score(images).image_scores > det.threshold_)
@@ -163,6 +176,8 @@ def test_no_calibration_gives_nan_threshold_and_predict_refuses(spy):
         (torch.rand(SIZE, SIZE), ValueError, r"\(B, 3, H, W\), got \(16, 16\)"),
         (torch.randint(0, 255, (2, 3, SIZE, SIZE)), TypeError, "float images .* torch.int64"),
         ([torch.rand(3, SIZE, SIZE)], TypeError, "got list"),
+        (torch.rand(2, 3, SIZE, SIZE) * 255, ValueError, r"values in \[0, 1\], got values in \[.*, 25\d"),
+        (torch.full((1, 3, SIZE, SIZE), float("nan")), ValueError, "values in \\[0, 1\\]"),
     ],
 )
 def test_score_validates_input(spy, bad, error, match):
@@ -180,6 +195,12 @@ def test_score_batches_and_single_images(spy):
     torch.testing.assert_close(one.image_scores, full.image_scores[2:3])
     ds = det.score_dataset(list(x))
     torch.testing.assert_close(ds.image_scores, full.image_scores)
+    # other sizes are resized the way the readers resize, the same for every method
+    from omniad.data.images import resize_image
+
+    big = torch.rand(2, 3, 40, 24)
+    torch.testing.assert_close(det.score(big).image_scores, det.score(resize_image(big, SIZE)).image_scores)
+    assert det.score(big).anomaly_maps.shape == (2, SIZE, SIZE)
 
 
 def test_seed_makes_fit_repeatable(spy):

@@ -14,12 +14,11 @@ from torch import Tensor, nn
 
 from omniad import list_detectors, load_detector
 from omniad.align import CADA, CADARegressor, ClassAwareA, ClassAwareB, align_maps, class_statistics, map_moments
-from omniad.align.stats import image_statistics, targets_from_moments
 from omniad.backbone import Backbone
 from omniad.methods.base import BaseDetector, NotFittedError
+from omniad.methods.cada.alignment import image_statistics, targets_from_moments
 from omniad.postprocess import top_fraction_mean
 from omniad.registry import _REGISTRY, detector_class
-from omniad.types import AnomalyScores
 
 SIZE = 32
 COMMON = dict(weights="random", image_size=SIZE, batch_size=8, device="cpu", progress=False, seed=0)
@@ -58,6 +57,8 @@ class FakeBase(BaseDetector):
         **common: see BaseDetector.
     """
 
+    defaults = {"sigma": 0.0, "image_pooling": "top1"}
+
     def __init__(self, *, scale: float = 10.0, with_backbone: bool = True, **common: Any) -> None:
         super().__init__(**common)
         self.scale = scale
@@ -67,25 +68,26 @@ class FakeBase(BaseDetector):
         self.phase = "fit"
         self.fit_calls = 0
 
-    def _make(self) -> None:
+    def build_frozen(self, pretrained: bool) -> None:
         self.backbone_ = Backbone(self.backbone, (1, 2), "random") if self.with_backbone else None
+
+    def features(self, images: Tensor) -> Tensor:
+        return images
+
+    def train_features(self, images: Tensor) -> None:
+        self.fit_calls += 1
+        self.fit_ids = [_image_id(im) for im in images]
         self.net_ = _FakeNet(self.backbone_, self.scale).to(self.device_)
 
-    def _fit(self, images) -> None:
-        self.fit_calls += 1
-        self.fit_ids = [_image_id(images[i]) for i in range(len(images))]
-        self._make()
-
-    def _score(self, images: Tensor) -> AnomalyScores:
+    def score_features(self, images: Tensor) -> Tensor:
         self.scored_ids += [(self.phase, _image_id(im)) for im in images]
-        maps = self.net_(images)
-        return AnomalyScores(top_fraction_mean(maps), maps)
+        return self.net_(images)
 
-    def _modules(self) -> dict[str, nn.Module]:
+    def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net_}
 
-    def _build(self, meta: dict[str, Any]) -> None:
-        self._make()
+    def build(self, meta: dict[str, Any]) -> None:
+        self.net_ = _FakeNet(self.backbone_, self.scale).to(self.device_)
 
 
 def _image_id(image: Tensor) -> int:
@@ -192,7 +194,7 @@ def test_regressor_shapes_and_normalisation():
 
 
 def test_feature_reader_pools_large_maps_only():
-    from omniad.align.core import FeatureReader
+    from omniad.methods.cada.base_reader import FeatureReader
 
     reader = FeatureReader(nn.Identity(), 0, shared=False, size=8)
     big, small = torch.rand(2, 5, 16, 16), torch.rand(2, 5, 4, 4)
@@ -211,9 +213,9 @@ def test_cada_separates_types_the_base_confuses(two_types):
     cada_auroc = roc_auc_score(labels, result.image_scores.numpy())
     assert base_auroc < 0.8 and cada_auroc > 0.95, (base_auroc, cada_auroc)
     # the aligned map is the base's map under the predicted (u, gamma)
-    raw, features = cada.base_and_features(test[:4])
+    maps, features = cada.features(test[:4])
     stats = cada.predict_statistics(features)
-    torch.testing.assert_close(result.anomaly_maps[:4], align_maps(raw.anomaly_maps, stats[:, 0], stats[:, 1]))
+    torch.testing.assert_close(result.anomaly_maps[:4], align_maps(maps, stats[:, 0], stats[:, 1]))
 
 
 def test_targets_come_from_the_training_maps_only(two_types, monkeypatch):
@@ -243,10 +245,10 @@ def test_calibration_uses_aligned_scores(two_types):
     cada = _cada(base=FakeBase(**COMMON), calibration_fraction=0.25).fit(train)
     raw, aligned = cada.score_with_base(train)
     torch.testing.assert_close(aligned.image_scores, cada.score(train).image_scores)
-    held = cada.calibration_scores_
+    held = cada.calibration_.normal_scores
     assert cada.threshold_ == pytest.approx(float(held.max()))  # target_far 1% of 8 images: the maximum
-    assert cada.base_.threshold_ == pytest.approx(float(cada.base_.calibration_scores_.max()))
-    assert not torch.allclose(held, cada.base_.calibration_scores_)
+    assert cada.base_.threshold_ == pytest.approx(float(cada.base_.calibration_.normal_scores.max()))
+    assert not np.allclose(held, cada.base_.calibration_.normal_scores)
 
 
 def test_u_sigma_targets(two_types):
@@ -269,20 +271,21 @@ def test_prefitted_base_is_not_refitted(two_types):
     base = FakeBase(**COMMON, calibration_fraction=0.0).fit(train)
     cada = _cada(base=base).fit(train)
     assert base.fit_calls == 1 and cada.base_ is base
-    assert cada.base == base.name and cada.base_params["scale"] == 10.0
+    params = cada.get_params()
+    assert params["base"] == base.name and params["base_params"]["scale"] == 10.0
     with pytest.raises(ValueError, match="base_params cannot be combined"):
-        CADA(base=base, base_params={"scale": 2.0})
+        CADA(base=base, base_params={"scale": 2.0}).resolved_params()
 
 
 def test_own_feature_backbone_when_the_base_has_none(two_types):
     train, _, test, labels, _ = two_types
     cada = _cada(base=FakeBase(**COMMON, with_backbone=False)).fit(train)
-    assert not cada.reader_.shared and cada.reader_.stage == 3 and "features" in cada._modules()
+    assert not cada.reader_.shared and cada.reader_.stage == 3 and "features" in cada.modules()
     assert roc_auc_score(labels, cada.score(test).image_scores.numpy()) > 0.95
 
 
 def test_fit_and_score_take_no_labels():
-    for method in (CADA.fit, CADA.score, CADA.calibrate, CADA.score_with_base, CADA._fit, CADA.collect):
+    for method in (CADA.fit, CADA.score, CADA.calibrate, CADA.score_with_base, CADA.extract, CADA.fit_features):
         params = set(inspect.signature(method).parameters)
         assert not {"labels", "categories", "category", "y"} & params, method.__name__
     assert "categories" in inspect.signature(ClassAwareA.fit).parameters
@@ -291,10 +294,12 @@ def test_fit_and_score_take_no_labels():
 
 
 def test_bad_settings_fail_clearly():
-    with pytest.raises(ValueError, match="unknown CADA target"):
-        CADA(target="median")
+    with pytest.raises(ValueError, match="target must be one of 'max', 'u_sigma'"):
+        CADA(target="median").resolved_params()
     with pytest.raises(TypeError, match="base must be"):
-        CADA(base=3)
+        CADA(base=3).resolved_params()
+    with pytest.raises(ValueError, match="iterations must be in"):
+        CADA(iterations=0).resolved_params()
     with pytest.raises(NotFittedError):
         CADA(**COMMON).score(torch.rand(1, 3, SIZE, SIZE))
     with pytest.raises(ValueError, match="already wraps"):
@@ -322,18 +327,7 @@ def test_save_load_gives_identical_scores(two_types, fake_registered, tmp_path, 
 
 
 # ----------------------------------------------------------------------------- every registered base
-# Tiny settings per base (seconds on a 2-core CPU); bases without an entry are skipped with a reason.
-TINY_BASES: dict[str, dict[str, Any]] = {
-    "patchcore": {"coreset_ratio": 0.05},
-    "padim": {},
-    "revdist": {"preset": "cpu", "iterations": 4},
-    "recontrast": {"preset": "cpu", "iterations": 4},
-    "uniad": dict(preset="cpu", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
-                  dim_feedforward=64, feature_stride=8, neighbor_size=3, epochs=2, train_batch_size=8),
-    "pmad": dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=2, num_prototypes=16),
-}
-
-
+# Each base runs with its own contract-test settings (``test_params``): a new method cannot be left out.
 def _wrappable() -> list[str]:
     names = []
     for name in list_detectors():
@@ -345,15 +339,14 @@ def _wrappable() -> list[str]:
 
 @pytest.mark.parametrize("name", _wrappable())
 def test_wrapping_every_registered_base(name, two_types, tmp_path):
-    if name not in TINY_BASES:
-        pytest.skip(f"no tiny settings for base {name!r} in TINY_BASES yet")
     train, _, test, *_ = two_types
-    known = set(detector_class(name).param_names())
-    params = {k: v for k, v in TINY_BASES[name].items() if k in known}
-    cada = CADA(**{**COMMON, "iterations": 20, "calibration_fraction": 0.2}, base=name, base_params=params)
+    params = dict(detector_class(name).test_params)
+    # the test settings are made for 64-px images: the 32-px ones are resized by the base's pre-processing
+    cada = CADA(**{**COMMON, "image_size": 64, "iterations": 20, "calibration_fraction": 0.2}, base=name,
+                base_params=params)
     cada.fit(train)
     raw, aligned = cada.score_with_base(test)
-    assert aligned.image_scores.shape == (len(test),) and aligned.anomaly_maps.shape == (len(test), SIZE, SIZE)
+    assert aligned.image_scores.shape == (len(test),) and aligned.anomaly_maps.shape == (len(test), 64, 64)
     assert torch.isfinite(aligned.anomaly_maps).all() and np.isfinite(cada.threshold_)
     torch.testing.assert_close(raw.anomaly_maps, cada.base_.score(test).anomaly_maps, rtol=1e-5, atol=1e-5)
     cada.save(tmp_path / "m")

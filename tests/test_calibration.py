@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
+import json
 
 import numpy as np
 import pytest
 
-from omniad.calibration import threshold_at_far
+from omniad.calibration import Calibration, threshold_at_far
 
 
 def _flagged_share(scores: np.ndarray, threshold: float) -> float:
@@ -55,8 +55,39 @@ def test_accepts_lists_and_tensors_of_any_shape():
     assert threshold_at_far(torch.tensor([3.0, 1.0, 2.0, 4.0]), 0.25) == 3.0
 
 
-def test_empty_scores_give_nan():
-    assert math.isnan(threshold_at_far(np.array([]), 0.01))
+def test_empty_or_non_finite_scores_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        threshold_at_far(np.array([]), 0.01)
+    with pytest.raises(ValueError, match="non-finite"):
+        threshold_at_far(np.array([1.0, float("nan")]), 0.01)
+
+
+def test_calibration_decides_recalibrates_and_round_trips():
+    cal = Calibration.from_normal_scores(np.arange(100.0), 0.05, "held out")
+    assert cal.threshold == 94.0 and cal.false_alarm_rate() == 0.05
+    assert cal.decide(np.array([94.0, 94.5])).tolist() == [False, True]
+    with pytest.raises(ValueError, match="NaN or infinite .* position 1"):
+        cal.decide(np.array([1.0, float("nan")]))
+    assert cal.at(0.2).threshold == 79.0 and cal.at(0.2).normal_scores.size == 100
+    again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert again.threshold == cal.threshold and again.target_far == 0.05 and again.source == "held out"
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"threshold": "high"}, "threshold must be a finite number"),
+        ({"threshold": None}, "threshold must be a finite number"),
+        ({"target_far": 1.5}, "target_far must be in"),
+        ({"normal_scores": []}, "non-empty list"),
+        ({"normal_scores": [1, "x"]}, "numbers only"),
+        ({"threshold": 3.0}, "does not follow from its normal scores"),
+    ],
+)
+def test_tampered_calibration_is_refused(change, match):
+    data = {**Calibration.from_normal_scores(np.arange(10.0), 0.1, "x").to_dict(), **change}
+    with pytest.raises(ValueError, match=match):
+        Calibration.from_dict(data, "model/config.json")
 
 
 @pytest.mark.parametrize("far", [-0.1, 1.0, 1.5, float("nan")])

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from omniad.calibration import threshold_at_far
-from omniad.metrics import PROTOCOL, Report, evaluate
+from omniad.calibration import Calibration, threshold_at_far
+from omniad.metrics import PROTOCOL, Report, ScoredSet, evaluate, report_from_scores
 from omniad.metrics import result as result_module
 from omniad.types import AnomalyScores, Sample
 
@@ -37,8 +37,8 @@ class ChannelDetector:
     backbone = "fake_backbone"
     backbone_ = _Backbone()
 
-    def __init__(self, threshold: float = float("nan")) -> None:
-        self.threshold_ = threshold
+    def __init__(self, threshold: float | None = None) -> None:
+        self.calibration_ = None if threshold is None else Calibration(threshold, 0.25, np.array([threshold]), "test")
         self.calls = 0
 
     def get_params(self) -> dict:
@@ -207,3 +207,30 @@ def test_batches_cover_every_image_once():
     detector = ChannelDetector()
     report = evaluate(detector, _dataset(), progress=False, batch_size=4)
     assert detector.calls == 4 and len(report.scores) == 13
+
+
+def test_report_from_stored_scores_equals_evaluate():
+    """Benchmarks pass stored scores, no detector: the report is the same as evaluate's."""
+    detector = ChannelDetector(threshold=0.4)
+    report = evaluate(detector, _dataset(), progress=False)
+    samples = _dataset()
+    masks = np.stack([s.mask.numpy() > 0.5 for s in samples])
+    maps = np.stack([s.image[0].numpy() for s in samples]).astype(np.float32)
+    scored = ScoredSet(maps.reshape(len(samples), -1).max(1), [s.label for s in samples],
+                       [s.category for s in samples], maps, masks, np.array([s.has_mask for s in samples]))
+    again = report_from_scores(scored, detector.calibration_)
+    for row in report.rows:
+        for key, value in report.rows[row].items():
+            assert again.rows[row][key] == pytest.approx(value, nan_ok=True), (row, key)
+    image_only = report_from_scores(ScoredSet(scored.scores, scored.labels, scored.categories), None)
+    assert image_only.rows["mixed"]["image_auroc"] == report.rows["mixed"]["image_auroc"]
+    assert math.isnan(image_only.rows["mixed"]["pixel_auroc"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ScoredSet([0.1, float("nan")], [0, 1], ["A", "A"])
+
+
+def test_target_far_recalibrates_on_the_held_out_scores():
+    detector = ChannelDetector()
+    detector.calibration_ = Calibration.from_normal_scores(np.linspace(0, 1, 101), 0.01, "held out")
+    report = evaluate(detector, _dataset(), target_far=0.2, progress=False)
+    assert report.meta["threshold"] == pytest.approx(0.8) and report.meta["target_far"] == 0.2

@@ -53,11 +53,22 @@ def test_save_load_gives_identical_scores_and_threshold(name, fitted, images, tm
     torch.testing.assert_close(loaded.predict(images), det.predict(images))
 
 
-def test_nan_threshold_survives_json(fitted, images, tmp_path):
+def test_no_calibration_survives_json(fitted, images, tmp_path):
     det = create_detector("padim", **{**COMMON, "calibration_fraction": 0.0}, **TINY["padim"]).fit(images)
     det.save(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["threshold"] is None
-    assert torch.isnan(torch.tensor(load_detector(tmp_path / "m").threshold_))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["calibration"] is None
+    loaded = load_detector(tmp_path / "m")
+    assert loaded.calibration_ is None and torch.isnan(torch.tensor(loaded.threshold_))
+
+
+def test_the_calibration_travels_with_the_model_and_recalibrates_honestly(fitted, images, tmp_path):
+    det = fitted["padim"]
+    det.save(tmp_path / "m")
+    loaded = load_detector(tmp_path / "m")
+    assert loaded.calibration_.source == det.calibration_.source and "held out" in loaded.calibration_.source
+    assert loaded.calibration_.normal_scores.tolist() == det.calibration_.normal_scores.tolist()
+    # another false-alarm rate from the saved held-out scores: the same as recalibrating the fitted model
+    assert loaded.calibration_.at(0.5).threshold == det.calibration_.at(0.5).threshold
 
 
 def test_bundle_is_json_and_safetensors_without_pickle(bundle, fitted):
@@ -173,7 +184,22 @@ BREAKAGES = {
     "unknown method": (lambda b: _edit_config(b, method="nosuchmethod"), "unknown detector 'nosuchmethod'"),
     "unknown parameter": (lambda b: _edit_config(b, params={"not_a_param": 1}), "not_a_param"),
     "no params": (lambda b: _edit_config(b, params=None), "parameters"),
+    "non-numeric threshold": (
+        lambda b: _edit_config(b, meta={"calibration": {**_config(b)["meta"]["calibration"], "threshold": "x"}}),
+        "threshold must be a finite number",
+    ),
+    "threshold edited": (
+        lambda b: _edit_config(b, meta={"calibration": {**_config(b)["meta"]["calibration"], "threshold": -5.0}}),
+        "does not follow from its normal scores",
+    ),
+    "out-of-range parameter": (lambda b: _edit_config(b, params={"coreset_ratio": 2}), "coreset_ratio must be in"),
+    "out-of-range meta": (lambda b: _edit_config(b, meta={"bank_size": -3}), "do not match"),
+    "meta not a mapping": (lambda b: _edit_config(b, meta=[1]), "'meta' must be a mapping"),
 }
+
+
+def _config(bundle):
+    return json.loads((bundle / "config.json").read_text())
 
 
 @pytest.mark.parametrize("case", list(BREAKAGES))
@@ -183,3 +209,10 @@ def test_broken_bundles_raise_bundle_error_naming_the_path(case, bundle):
     with pytest.raises(BundleError, match=match) as info:
         load_detector(bundle)
     assert str(bundle) in str(info.value)
+
+
+def test_device_without_cuda_says_so(bundle):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BundleError, match="no CUDA device"):
+        load_detector(bundle, device="cuda")

@@ -175,11 +175,11 @@ def test_detector_masks_the_top_m_percent_by_prototype_distance_first(fitted, im
 
     fitted.net_.forward = spy
     try:
-        variants = fitted.patch_score_variants(images[10:])
+        variants = fitted.patch_score_variants(fitted.features(images[10:]))
     finally:
         del fitted.net_.forward
     scores, distances = variants["entropy"], variants["prototype"]
-    k = num_masked(16, fitted.mask_ratio)
+    k = num_masked(16, fitted.resolved_.mask_ratio)
     top = distances.topk(k, dim=1).indices
     expected = torch.zeros_like(seen[0]).scatter_(1, top, True)
     assert torch.equal(seen[0], expected)
@@ -202,14 +202,12 @@ def test_detector_save_load_identical_scores(fitted, images, tmp_path):
 def test_detector_is_seed_deterministic_and_scoring_is_selectable(fitted, images):
     again = create_detector("pmad", **TINY).fit(images[:10])
     torch.testing.assert_close(again.score(images[10:]).image_scores, fitted.score(images[10:]).image_scores)
-    assert fitted.scoring == "cross_entropy" and fitted.prototype_weighting
-    weighted, distances = fitted.patch_scores(images[10:])
-    fitted.scoring, fitted.prototype_weighting = "entropy", False
-    try:
-        entropy, _ = fitted.patch_scores(images[10:])
-    finally:
-        fitted.scoring, fitted.prototype_weighting = "cross_entropy", True
-    variants = fitted.patch_score_variants(images[10:])
+    assert fitted.resolved_.scoring == "cross_entropy" and fitted.resolved_.prototype_weighting
+    features = fitted.features(images[10:])
+    weighted, distances = fitted.patch_scores(features)
+    textual = fitted.clone().set_params(scoring="entropy", prototype_weighting=False).fit(images[:10])
+    entropy, _ = textual.patch_scores(features)  # the same net (seeded fit), the paper's scoring
+    variants = fitted.patch_score_variants(features)
     torch.testing.assert_close(weighted, variants["cross_entropy"] * distances)
     torch.testing.assert_close(entropy, variants["entropy"])
     assert not torch.allclose(variants["entropy"], variants["cross_entropy"])
@@ -219,16 +217,20 @@ def test_detector_is_seed_deterministic_and_scoring_is_selectable(fitted, images
 
 
 def test_presets_and_bad_parameters():
-    paper = create_detector("pmad")
-    assert (paper.embed_dim, paper.depth, paper.num_tokens, paper.epochs) == (768, 12, 8192, 300)
-    cpu = create_detector("pmad", preset="cpu", depth=5)
-    assert cpu.depth == 5 and cpu.embed_dim < 768  # explicit values win over the preset
-    for bad in (dict(preset="gpu"), dict(scoring="mse"), dict(inference_masking="grid"), dict(mask_ratio=1.5),
-                dict(image_size=250)):
-        with pytest.raises(ValueError):
-            create_detector("pmad", **bad)
+    paper = create_detector("pmad").resolved_params()
+    assert tuple(paper[k] for k in ("embed_dim", "depth", "num_tokens", "epochs")) == (768, 12, 8192, 300)
+    cpu = create_detector("pmad", preset="cpu", depth=5).resolved_params()
+    assert cpu["depth"] == 5 and cpu["embed_dim"] < 768  # explicit values win over the preset
+    for bad, match in ((dict(preset="gpu"), "unknown preset"), (dict(scoring="mse"), "scoring must be one of"),
+                       (dict(inference_masking="grid"), "inference_masking"), (dict(mask_ratio=1.5), "mask_ratio"),
+                       (dict(image_size=250), "not a multiple of patch_size"), (dict(num_prototypes=0), "num_pro")):
+        with pytest.raises(ValueError, match=match):
+            create_detector("pmad", **bad).resolved_params()
 
 
-def test_score_rejects_another_image_size(fitted):
-    with pytest.raises(ValueError, match="fitted on 32x32"):
-        fitted.score(torch.rand(1, 3, 40, 40))
+def test_score_resizes_another_image_size(fitted):
+    from omniad.data.images import resize_image
+
+    other = torch.rand(1, 3, 40, 40)
+    assert fitted.score(other).anomaly_maps.shape == (1, 32, 32)
+    torch.testing.assert_close(fitted.score(other).image_scores, fitted.score(resize_image(other, 32)).image_scores)

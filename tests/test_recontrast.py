@@ -133,27 +133,27 @@ def test_fit_trains_the_encoder_copy_only_with_frozen_batchnorm(images, weights_
 
 
 def test_paper_preset_trains_the_whole_encoder_with_amsgrad_and_decay():
-    paper = create_detector("recontrast")
-    assert paper.encoder_frozen_stages == 0 and paper.amsgrad and paper.encoder_lr == 1e-5
-    assert (paper.iterations, paper.train_batch_size, paper.lr_decay_at, paper.lr_decay) == (5000, 16, 0.8, 0.2)
-    assert create_detector("recontrast", preset="cpu").encoder_frozen_stages == 1
+    paper = create_detector("recontrast").resolved_params()
+    assert paper["encoder_frozen_stages"] == 0 and paper["amsgrad"] and paper["encoder_lr"] == 1e-5
+    schedule = ("iterations", "train_batch_size", "lr_decay_at", "lr_decay")
+    assert tuple(paper[k] for k in schedule) == (5000, 16, 0.8, 0.2)
+    assert create_detector("recontrast", preset="cpu").resolved_params()["encoder_frozen_stages"] == 1
 
 
-def test_first_visit_cache_encodes_each_image_once():
-    from omniad.methods.recontrast.detector import FirstVisitCache
+def test_the_frozen_encoder_runs_once_per_training_image(monkeypatch):
+    from omniad.methods.recontrast import Recontrast
 
-    calls: list[int] = []
+    seen: list[int] = []
+    original = Recontrast.features
 
-    class Counting(torch.nn.Module):
-        def forward(self, x):
-            calls.append(x.shape[0])
-            return [x.mean(dim=1, keepdim=True), x[:, :2, ::2, ::2]]
+    def counting(self, images):
+        seen.append(images.shape[0])
+        return original(self, images)
 
-    images = [torch.rand(3, 8, 8) for _ in range(5)]
-    cache = FirstVisitCache(images, Counting(), torch.device("cpu"))
-    pictures, maps = cache.get(torch.tensor([3, 1]))
-    torch.testing.assert_close(pictures, torch.stack([images[3], images[1]]))
-    assert [m.shape for m in maps] == [(2, 1, 8, 8), (2, 2, 4, 4)]
-    _, again = cache.get(torch.tensor([1, 4, 3]))
-    assert calls == [2, 1]  # only image 4 was new
-    torch.testing.assert_close(again[1][0], maps[1][1])
+    monkeypatch.setattr(Recontrast, "features", counting)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    detector = create_detector("recontrast", weights="random", image_size=32, batch_size=4, device="cpu",
+                               progress=False, preset="cpu", iterations=5, train_batch_size=2,
+                               calibration_fraction=0.0).fit(images)
+    assert sum(seen) == 6  # 5 steps of 2 draw 10 images, but the frozen branch ran once per image
+    assert len(detector.loss_history_) == 5

@@ -126,14 +126,17 @@ def test_net_rejects_features_of_another_grid():
 
 # ------------------------------------------------------------------ presets
 def test_presets_fill_only_what_is_not_given():
-    paper = UniAD()
-    assert paper.resolved_params() == PRESETS["paper"]
-    assert paper.resolved("hidden_dim") == 256 and paper.resolved("epochs") == 1000
-    cpu = UniAD(preset="cpu", epochs=7)
-    assert cpu.resolved("epochs") == 7
-    assert cpu.resolved("hidden_dim") == PRESETS["cpu"]["hidden_dim"]
+    paper = UniAD().resolved_params()
+    assert {k: paper[k] for k in PRESETS["paper"]} == PRESETS["paper"]
+    assert paper["hidden_dim"] == 256 and paper["epochs"] == 1000
+    assert (paper["sigma"], paper["image_pooling"], paper["pool_kernel"]) == (0.0, "maxpool", 16)  # the paper's
+    cpu = UniAD(preset="cpu", epochs=7).resolved_params()
+    assert cpu["epochs"] == 7
+    assert cpu["hidden_dim"] == PRESETS["cpu"]["hidden_dim"]
     with pytest.raises(ValueError, match="preset"):
-        UniAD(preset="gpu")
+        UniAD(preset="gpu").resolved_params()
+    with pytest.raises(ValueError, match="query_embedding must be one of"):
+        UniAD(query_embedding="sideways").resolved_params()
 
 
 # ------------------------------------------------------------------ training and scoring
@@ -143,7 +146,7 @@ def test_tiny_set_overfits():
     params = {**TINY, "epochs": 40, "train_batch_size": 2, "lr": 1e-2, "jitter_alpha": 0.0, "dropout": 0.0,
               "calibration_fraction": 0}
     detector = create_detector("uniad", **params).fit(images)
-    assert detector.history_[-1] < detector.history_[0] / 8
+    assert detector.loss_history_[-1] < detector.loss_history_[0] / 8
 
 
 def test_fit_equals_extract_plus_fit_features_and_save_load_keeps_scores(tmp_path):
@@ -151,7 +154,7 @@ def test_fit_equals_extract_plus_fit_features_and_save_load_keeps_scores(tmp_pat
     detector = create_detector("uniad", **TINY).fit(train)
     result = detector.score(test)
     assert result.anomaly_maps.shape == (3, 64, 64) and torch.isfinite(result.image_scores).all()
-    assert len(detector.history_) == TINY["epochs"]
+    assert len(detector.loss_history_) == TINY["epochs"]
 
     other = create_detector("uniad", **{**TINY, "calibration_fraction": 0})
     from omniad.data.sources import as_image_dataset, split_holdout
@@ -161,7 +164,7 @@ def test_fit_equals_extract_plus_fit_features_and_save_load_keeps_scores(tmp_pat
     other.fit_features(other.extract(kept), epoch_callback=lambda epoch, loss: seen.append((epoch, loss)))
     assert [e for e, _ in seen] == list(range(TINY["epochs"]))
     torch.testing.assert_close(other.score(test).image_scores, result.image_scores)
-    torch.testing.assert_close(other.score_features(other.extract(test)).image_scores, result.image_scores)
+    torch.testing.assert_close(other.score_cached(other.extract(test)).image_scores, result.image_scores)
 
     detector.save(tmp_path / "model")
     loaded = load_detector(tmp_path / "model")
@@ -170,8 +173,11 @@ def test_fit_equals_extract_plus_fit_features_and_save_load_keeps_scores(tmp_pat
     torch.testing.assert_close(again.anomaly_maps, result.anomaly_maps, rtol=1e-6, atol=1e-7)
     assert loaded.threshold_ == pytest.approx(detector.threshold_)
 
-    with pytest.raises(ValueError, match="built for"):
-        detector.score(_images(1, size=96))
+    # another size is resized to the model's, as every method does
+    from omniad.data.images import resize_image
+
+    big = _images(1, size=96)
+    torch.testing.assert_close(detector.score(big).image_scores, detector.score(resize_image(big, 64)).image_scores)
 
 
 def test_cli_reads_uniad_options():

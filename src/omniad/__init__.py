@@ -1,9 +1,8 @@
 """omniad: unified visual anomaly detection — one model for every product type, one threshold, no type label."""
 
-from omniad._version import __version__
-
-from omniad import methods  # noqa: F401  (registers the built-in detectors)
 from omniad import data as datasets  # (readers, synthetic set, protocols)
+from omniad import methods  # noqa: F401  (registers the built-in detectors)
+from omniad._version import __version__
 from omniad.io import load_detector
 from omniad.metrics import evaluate
 from omniad.registry import create_detector, list_detectors, register_detector

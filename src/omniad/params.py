@@ -87,25 +87,14 @@ FRACTION = Interval(0.0, 1.0, high_open=True)  # [0, 1)
 NON_NEGATIVE = Interval(0.0, None)
 
 
-def resolve_params(
+def fill_params(
     params: Mapping[str, Any],
     presets: Mapping[str, Mapping[str, Any]],
     defaults: Mapping[str, Any],
-    constraints: Mapping[str, Any],
     owner: str,
 ) -> dict[str, Any]:
-    """Fill and check hyper-parameters.
-
-    Args:
-        params: the values as given to ``__init__`` (None = "not given").
-        presets: named sets of values; ``params["preset"]`` picks one (methods without presets pass {}).
-        defaults: values for what is still None after the preset (e.g. a method's own post-processing).
-        constraints: parameter name -> ``Interval`` / ``Options`` / ``Each``.
-        owner: the detector's name, for messages.
-
-    Returns:
-        Every parameter with its effective value.
-    """
+    """Hyper-parameters with every None filled: from the preset ``params["preset"]`` picks (methods without
+    presets pass {}), then from ``defaults`` (e.g. a method's own post-processing)."""
     values = dict(params)
     if presets:
         preset = values.get("preset")
@@ -113,13 +102,17 @@ def resolve_params(
             raise ValueError(f"{owner}: unknown preset {preset!r}; use one of {', '.join(sorted(presets))}")
         values.update({k: v for k, v in presets[preset].items() if values.get(k) is None})
     values.update({k: v for k, v in defaults.items() if values.get(k) is None})
+    return values
+
+
+def check_params(values: Mapping[str, Any], constraints: Mapping[str, Any], owner: str) -> None:
+    """Refuse any value outside its constraint (``Interval`` / ``Options`` / ``Each``), naming the parameter."""
     for name, constraint in constraints.items():
         if name in values:
             try:
                 constraint.check(name, values[name])
             except ValueError as err:
                 raise ValueError(f"{owner}: {err}") from None
-    return values
 
 
 def as_namespace(values: Mapping[str, Any]) -> SimpleNamespace:
@@ -177,5 +170,6 @@ __all__ = [
     "as_namespace",
     "docstring_args",
     "init_params",
-    "resolve_params",
+    "check_params",
+    "fill_params",
 ]

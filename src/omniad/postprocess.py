@@ -97,4 +97,13 @@ def to_scores(
 
 POOLINGS = ("top1", "max", "maxpool")
 
-__all__ = ["to_scores", "POOLINGS", "upsample", "gaussian_blur", "gaussian_kernel1d", "top_fraction_mean", "max_pooled", "image_score"]
+__all__ = [
+    "POOLINGS",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "image_score",
+    "max_pooled",
+    "to_scores",
+    "top_fraction_mean",
+    "upsample",
+]

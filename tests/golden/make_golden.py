@@ -40,7 +40,6 @@ def golden_settings() -> dict[str, tuple[str, dict]]:
 def main() -> None:
     torch.set_num_threads(1)
     from conftest import SYNTHETIC_PARAMS
-
     from omniad import create_detector
     from omniad.data import MVTecDataset
     from omniad.data.synthetic import make_synthetic_dataset

@@ -44,7 +44,8 @@ def as_image_dataset(data: Any, image_size: int | None = None) -> Dataset:
     to ``image_size`` when given."""
     if isinstance(data, ImagesOnly) and image_size in (None, data.image_size):
         return data
-    if isinstance(data, Subset) and isinstance(data.dataset, ImagesOnly) and image_size in (None, data.dataset.image_size):
+    inner = data.dataset if isinstance(data, Subset) else None
+    if isinstance(inner, ImagesOnly) and image_size in (None, inner.image_size):
         return data
     if isinstance(data, Tensor):
         if data.dim() != 4 or data.shape[1] != 3:

@@ -32,9 +32,10 @@ from omniad.params import (
     Interval,
     Options,
     as_namespace,
+    check_params,
     docstring_args,
+    fill_params,
     init_params,
-    resolve_params,
 )
 from omniad.postprocess import POOLINGS, to_scores
 from omniad.runtime import resolve_device, seed_everything
@@ -79,7 +80,7 @@ class BaseDetector:
         sigma: Gaussian smoothing of the up-sampled map (None: the method's default; the protocol's is 4).
         image_pooling: image score from the map: "top1" (mean of the top ``top_fraction``), "max" or "maxpool"
             (max of the ``pool_kernel``-averaged map); None: the method's default.
-        top_fraction: share of the highest map values averaged by "top1" pooling (protocol: 0.01).
+        top_fraction: share of the highest map values averaged by "top1" pooling (protocol: 0.01, the top 1%).
         pool_kernel: averaging window of "maxpool" pooling (UniAD: 16).
         progress: show progress bars.
     """
@@ -87,6 +88,8 @@ class BaseDetector:
     name: ClassVar[str] = "base"
     # the method's settings for the contract test on the tiny synthetic set (every method declares its own)
     test_params: ClassVar[dict[str, Any]] = {}
+    # the image AUROC the contract test asks of those settings with real ImageNet features
+    test_min_auroc: ClassVar[float] = 0.7
     # named sets of values for the parameters left at None (methods with a ``preset`` parameter)
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # values of the parameters still None after the preset: each method's post-processing defaults
@@ -184,8 +187,9 @@ class BaseDetector:
     def resolved_params(self) -> dict[str, Any]:
         """Every hyper-parameter with its effective value: presets and defaults filled in, all validated."""
         values = {name: getattr(self, name) for name in self.param_names()}
-        values = resolve_params(values, self.presets, self.defaults, self.all_constraints(), self.name)
-        return self.derive_params(values)
+        values = self.derive_params(fill_params(values, self.presets, self.defaults, self.name))
+        check_params(values, self.all_constraints(), self.name)
+        return values
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
         """Hook: values that follow from others after resolution (e.g. depths fitted to the number of stages)."""

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniad.methods.cada.alignment import map_moments
 from omniad.backbone import Backbone
 from omniad.data.sources import iterate_batches
 from omniad.methods.base import BaseDetector
+from omniad.methods.cada.alignment import map_moments
 from omniad.types import AnomalyScores
 
 # The paper's per-base settings (Sec. 4.2). Bases it did not use get the fallbacks below.

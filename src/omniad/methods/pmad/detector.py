@@ -313,7 +313,8 @@ class PMAD(BaseDetector):
         x = self._inputs(images, patch_feats)
         tokens = self.tokenizer_.encode(patch_feats)
         rng = np.random.default_rng(self.seed)  # same masks for the same images, call after call
-        rounds = inference_rounds(self.resolved_.inference_masking, distances, self.net_.grid, self.resolved_.mask_ratio, rng)
+        r = self.resolved_
+        rounds = inference_rounds(r.inference_masking, distances, self.net_.grid, r.mask_ratio, rng)
         entropy = torch.zeros_like(distances)
         cross_entropy = torch.zeros_like(distances)
         count = torch.zeros_like(distances)

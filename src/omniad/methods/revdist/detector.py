@@ -54,9 +54,15 @@ class RevDist(DistillationDetector):
 
     # settings small enough for the contract test on the tiny synthetic set (seconds on a 2-core CPU)
     test_params: dict[str, Any] = {"preset": "cpu", "iterations": 60}
+    # measured at those settings (60 iterations on 22 images of 64 px): 0.61 / 0.58 / 0.60 for seeds 0 / 1 / 2;
+    # 100 iterations give 0.66-0.67. Above chance, far from the other methods' 0.7+ on this tiny set.
+    test_min_auroc = 0.55
 
     presets = REVDIST_PRESETS
     test_params: dict[str, Any] = {"preset": "cpu", "iterations": 60}
+    # measured at those settings (60 iterations on 22 images of 64 px): 0.61 / 0.58 / 0.60 for seeds 0 / 1 / 2;
+    # 100 iterations give 0.66-0.67. Above chance, far from the other methods' 0.7+ on this tiny set.
+    test_min_auroc = 0.55
 
     def _make_net(self) -> RevDistNet:
         r = self.resolved_

@@ -131,9 +131,10 @@ class UniAD(BaseDetector):
     }
 
     # settings small enough for the contract test on the tiny synthetic set (seconds on a 2-core CPU)
-    test_params: dict[str, Any] = dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, dim_feedforward=64,
-                       feature_stride=16, neighbor_size=3, epochs=30, train_batch_size=8, lr=1e-2,
-                       output_bias_init="mean")
+    test_params: dict[str, Any] = dict(
+        hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, dim_feedforward=64,
+        feature_stride=16, neighbor_size=3, epochs=30, train_batch_size=8, lr=1e-2, output_bias_init="mean",
+    )
 
     def __init__(
         self,
