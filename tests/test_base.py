@@ -51,7 +51,7 @@ class _Spy(BaseDetector):
         self.net_.noise.copy_(torch.rand(()))  # global RNG: seeded by fit_features
 
     def score_features(self, features):
-        return (features - self.net_.mean).abs().mean(1) + self.offset + self.net_.noise
+        return (features - self.net_.mean).abs().mean(1) + self.resolved_.offset + self.net_.noise
 
     def modules(self):
         return {"net": self.net_}
@@ -228,3 +228,17 @@ def test_spy_fixture_unregisters(spy):
 
 def test_registry_after_spy_is_clean():
     assert "_spy" not in registry.list_detectors()
+
+
+def test_post_processing_changes_on_a_fitted_detector_take_effect_and_drop_the_calibration(spy):
+    det = _make(spy, calibration_fraction=0.25).fit(_constant_images(8))
+    x = torch.rand(3, 3, SIZE, SIZE)
+    before = det.score(x)
+    assert det.calibration_ is not None
+    det.set_params(image_pooling="top1", top_fraction=0.5)
+    after = det.score(x)
+    top_half = before.anomaly_maps.flatten(1).topk(SIZE * SIZE // 2, dim=1).values.mean(1)
+    torch.testing.assert_close(after.image_scores, top_half)  # the same maps, pooled the new way
+    assert det.calibration_ is None  # the old threshold does not fit the new scores
+    det.set_params(offset=5.0)  # a training parameter: only at the next fit
+    torch.testing.assert_close(det.score(x).image_scores, after.image_scores)

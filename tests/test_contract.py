@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from omniad import create_detector, list_detectors, load_detector
+from omniad import create_detector, list_detectors, load_detector, registry
 from omniad.data import MVTecDataset
 from omniad.methods.base import BaseDetector, NotFittedError
 from omniad.registry import detector_class
@@ -37,6 +38,29 @@ def _make(name: str, **overrides):
 
 @pytest.mark.parametrize("name", list_detectors())
 def test_detector_contract(name, splits, tmp_path):
+    check_contract(name, splits, tmp_path)
+
+
+def test_the_worked_example_of_the_architecture_doc_passes_the_contract(splits, tmp_path):
+    """docs/architecture.md's example method, registered as a user would, passes the same contract."""
+    namespace = {"__name__": "docs_example_method"}
+    exec(compile(example_method_source(), "docs/architecture.md", "exec"), namespace)  # noqa: S102
+    name = namespace["ExampleGaussian"].name
+    try:
+        assert name in list_detectors()
+        check_contract(name, splits, tmp_path)
+    finally:
+        registry._REGISTRY.pop(name, None)
+
+
+def example_method_source() -> str:
+    """The Python block after the ``<!-- worked example -->`` marker of docs/architecture.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    block = text.split("<!-- worked example -->", 1)[1]
+    return block.split("```python", 1)[1].split("```", 1)[0]
+
+
+def check_contract(name, splits, tmp_path):
     train, images, labels = splits
     detector = _make(name)
     assert isinstance(detector, BaseDetector)
@@ -64,6 +88,18 @@ def test_detector_contract(name, splits, tmp_path):
     torch.testing.assert_close(reloaded.anomaly_maps, result.anomaly_maps, rtol=1e-5, atol=1e-5)
     assert loaded.threshold_ == pytest.approx(detector.threshold_)
     assert loaded.get_params() == detector.get_params()
+
+    # fit = hold-out + extract + fit_features (+ calibrate): the stages give the same model
+    from omniad.data.sources import as_image_dataset, split_holdout
+
+    kept, _ = split_holdout(as_image_dataset(train, IMAGE_SIZE), detector.calibration_fraction, detector.seed)
+    staged = _make(name)
+    features = staged.extract(kept)
+    staged.fit_features(features)
+    torch.testing.assert_close(staged.score(images).image_scores, result.image_scores, rtol=1e-5, atol=1e-6)
+    if isinstance(features, (torch.Tensor, list)):  # a feature cache: scoring cached features = scoring images
+        cached = staged.score_cached(staged.extract(images))
+        torch.testing.assert_close(cached.image_scores, result.image_scores, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list_detectors())

@@ -7,7 +7,7 @@ or group names, optionally prefixed by a dataset (``"mvtec:textures->objects"``)
 ================================  =====================================================
 ``mvtec:textures->objects``       MVTec AD's 5 textures -> its 10 objects
 ``mvtec:objects->textures``       the 10 objects -> the 5 textures
-``magnetic_tile->kolektor``       the real industrial set (``../shared/data/industrial``)
+``magnetic_tile->kolektor``       the two-type industrial set (kolektor, magnetic_tile)
 ``kolektor->magnetic_tile``       and the reverse
 ``a,b->c,d``                      any categories (each side may also name a group)
 ================================  =====================================================

@@ -41,6 +41,9 @@ from omniad.postprocess import POOLINGS, to_scores
 from omniad.runtime import resolve_device, seed_everything
 from omniad.types import AnomalyScores
 
+# the hyper-parameters of the score tail: they do not touch training
+POSTPROCESSING = ("sigma", "image_pooling", "top_fraction", "pool_kernel")
+
 
 class NotFittedError(RuntimeError):
     """Raised when a detector is used before ``fit`` or ``load``."""
@@ -171,12 +174,19 @@ class BaseDetector:
         return {name: _jsonable(getattr(self, name)) for name in self.param_names()}
 
     def set_params(self, **params: Any) -> BaseDetector:
-        """Change hyper-parameters (takes effect at the next ``fit``); unknown names are refused."""
+        """Change hyper-parameters; unknown names are refused. They take effect at the next ``fit``, except the
+        post-processing ones (``POSTPROCESSING``) on a fitted detector, which take effect at once: they change
+        the scores, so the calibration is dropped (call ``calibrate`` again)."""
         unknown = sorted(set(params) - set(self.param_names()))
         if unknown:
             raise ValueError(f"{self.name}: unknown parameters {unknown}; known: {', '.join(self.param_names())}")
         for name, value in params.items():
             setattr(self, name, value)
+        if getattr(self, "fitted_", False) and set(params) & set(POSTPROCESSING):
+            resolved = self.resolved_params()
+            for name in POSTPROCESSING:
+                setattr(self.resolved_, name, resolved[name])
+            self.calibration_ = None
         return self
 
     def clone(self) -> BaseDetector:
@@ -375,7 +385,7 @@ class BaseDetector:
 
     # ----------------------------------------------------------------- persistence
     def modules(self) -> dict[str, nn.Module]:
-        """The modules whose state makes up the fitted model (saved and restored by name)."""
+        """The trained modules, saved and restored by name (the base adds the frozen backbone)."""
         raise NotImplementedError
 
     def meta(self) -> dict[str, Any]:
@@ -387,6 +397,15 @@ class BaseDetector:
         the frozen part is built already)."""
         raise NotImplementedError
 
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """``modules()`` plus the frozen backbone when none of them holds it: a bundle is self-contained."""
+        modules = dict(self.modules())
+        backbone = getattr(self, "backbone_", None)
+        held = any(m is backbone for top in modules.values() for m in top.modules())
+        if isinstance(backbone, nn.Module) and not held:
+            modules["backbone"] = backbone
+        return modules
+
     def save(self, path: str) -> None:
         """Write the fitted model to the folder ``path`` atomically (config.json + weights.safetensors)."""
         from omniad.io import save_detector
@@ -397,7 +416,7 @@ class BaseDetector:
         """Every learned tensor, keyed ``<module>.<param>``."""
         self._check_fitted()
         tensors: dict[str, Tensor] = {}
-        for prefix, module in self.modules().items():
+        for prefix, module in self.saved_modules().items():
             for key, value in module.state_dict().items():
                 tensors[f"{prefix}.{key}"] = value
         return tensors
@@ -418,7 +437,7 @@ class BaseDetector:
         """Rebuild the modules from ``meta`` and fill them with ``tensors`` (inverse of ``state_tensors``)."""
         self.rebuild(meta)
         expected = set()
-        for prefix, module in self.modules().items():
+        for prefix, module in self.saved_modules().items():
             own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             expected.update(f"{prefix}.{k}" for k in own)
             module.load_state_dict(own, strict=True)

@@ -1,4 +1,4 @@
-"""Metrics of the pinned protocol (DESIGN.md section 4) and ``evaluate`` -> ``Report``."""
+"""Metrics of the pinned protocol (docs/evaluation.md) and ``evaluate`` -> ``Report``."""
 
 from omniad.metrics.evaluate import PROTOCOL, ScoredSet, describe_detector, evaluate, report_from_scores, score_set
 from omniad.metrics.pro import aupro, pixel_metrics

@@ -1,4 +1,4 @@
-"""evaluate(): score a labelled test set and compute the pinned protocol (DESIGN.md section 4) per category,
+"""evaluate(): score a labelled test set and compute the pinned protocol (docs/evaluation.md) per category,
 their mean, and pooled ("mixed"), plus decisions at one threshold calibrated on normal images only."""
 
 from __future__ import annotations

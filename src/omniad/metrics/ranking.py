@@ -133,7 +133,7 @@ def f1_max(labels: Any, scores: Any) -> float:
     return f1_max_sorted(split_sorted(labels, scores))
 
 
-# Names used in DESIGN.md / HELPERS.md: image level takes (N,) scores, pixel level (N, H, W) masks and maps.
+# The protocol's names (docs/evaluation.md): image level takes (N,) scores, pixel level (N, H, W) masks and maps.
 image_auroc = auroc
 image_ap = average_precision
 image_f1max = f1_max

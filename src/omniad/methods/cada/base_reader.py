@@ -67,7 +67,7 @@ def build_base(name: str, base_params: dict[str, Any], common: dict[str, Any]) -
 def _saved_with_base(base: BaseDetector, module: nn.Module) -> bool:
     """Whether ``module`` is part of what the base saves (so its weights travel in the base's part of a bundle)."""
     try:
-        modules = base.modules()
+        modules = base.saved_modules()
     except (NotImplementedError, AttributeError):
         return False
     return any(m is module for top in modules.values() for m in top.modules())

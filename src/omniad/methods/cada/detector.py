@@ -308,7 +308,7 @@ class CADA(BaseDetector):
 
     # ----------------------------------------------------------------- persistence
     def modules(self) -> dict[str, nn.Module]:
-        modules = {f"base.{name}": module for name, module in self.base_.modules().items()}
+        modules = {f"base.{name}": module for name, module in self.base_.saved_modules().items()}
         modules["regressor"] = self.regressor_
         if not self.reader_.shared:
             modules["features"] = self.feature_backbone_

@@ -357,8 +357,7 @@ class PMAD(BaseDetector):
 
     # ----------------------------------------------------------------- persistence
     def modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone_, "tokenizer": self.tokenizer_, "prototypes": self.prototypes_,
-                "net": self.net_}
+        return {"tokenizer": self.tokenizer_, "prototypes": self.prototypes_, "net": self.net_}
 
     def meta(self) -> dict[str, Any]:
         return {"feature_dim": self.tokenizer_.dim, "num_tokens": self.tokenizer_.num_tokens,

@@ -189,7 +189,7 @@ class Recontrast(DistillationDetector):
         return anomaly_map(targets, recons, tuple(images.shape[-2:]))
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone_, "net": self.net_}
+        return {"net": self.net_}
 
     def build(self, meta: dict[str, Any]) -> None:
         self.net_ = self._make_net().to(self.device_)

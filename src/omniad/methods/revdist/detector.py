@@ -96,7 +96,7 @@ class RevDist(DistillationDetector):
         return anomaly_map(features, self.net_(features), self.map_size(features))
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone_, "net": self.net_}
+        return {"net": self.net_}
 
     def build(self, meta: dict[str, Any]) -> None:
         self.net_ = self._make_net().to(self.device_)

@@ -262,7 +262,7 @@ class UniAD(BaseDetector):
         return self.net_.anomaly_map(features)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone_, "net": self.net_}
+        return {"net": self.net_}
 
     def meta(self) -> dict[str, Any]:
         return {"in_channels": int(self.net_.in_channels), "grid": list(self.net_.grid)}
