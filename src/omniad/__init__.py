@@ -6,6 +6,7 @@ from omniad import methods  # noqa: F401  (registers the built-in detectors)
 from omniad import data as datasets  # (readers, synthetic set, protocols)
 from omniad.io import load_detector
 from omniad.metrics import evaluate
+from omniad.prediction import Prediction, predict
 from omniad.registry import create_detector, list_detectors, register_detector
 from omniad.types import AnomalyScores, Detector, Sample
 
@@ -13,11 +14,13 @@ __all__ = [
     "__version__",
     "AnomalyScores",
     "Detector",
+    "Prediction",
     "Sample",
     "create_detector",
     "datasets",
     "evaluate",
     "list_detectors",
     "load_detector",
+    "predict",
     "register_detector",
 ]
