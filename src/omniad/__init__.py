@@ -5,6 +5,7 @@ from omniad import methods  # noqa: F401  (registers the built-in detectors)
 from omniad._version import __version__
 from omniad.io import load_detector
 from omniad.metrics import evaluate
+from omniad.prediction import Prediction, predict
 from omniad.registry import create_detector, list_detectors, register_detector
 from omniad.types import AnomalyScores, Detector, Sample
 
@@ -12,11 +13,13 @@ __all__ = [
     "__version__",
     "AnomalyScores",
     "Detector",
+    "Prediction",
     "Sample",
     "create_detector",
     "datasets",
     "evaluate",
     "list_detectors",
     "load_detector",
+    "predict",
     "register_detector",
 ]

@@ -3,7 +3,7 @@
     omniad fit      --data ROOT --method NAME [method options] --out MODEL
     omniad eval     --model MODEL --data ROOT [--out REPORT_DIR]
     omniad run      --data ROOT --method NAME --out DIR        (fit + eval + report, any setting)
-    omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR
+    omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR   (exit status 1: some files could not be read)
     omniad list
     omniad demo     [--out DIR]
 """
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -139,12 +138,32 @@ def _fit(args: argparse.Namespace, names: list[str]):
     detector = create_detector(args.method, **params)
     train_categories, _ = _resolve_categories(args)
     train = _dataset(args.data, train_categories, "train", detector.image_size)
+    _print_skipped(train)
     print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
           f"(unified: no category labels)", file=sys.stderr)
     detector.fit(train)
-    print(f"fitted in {detector.fit_seconds_:.1f} s; calibrated threshold {detector.threshold_:.4g} "
-          f"(target false-alarm rate {detector.target_far})", file=sys.stderr)
+    print(f"fitted in {detector.fit_seconds_:.1f} s; {_calibration_line(detector)}", file=sys.stderr)
     return detector
+
+
+def _calibration_line(detector) -> str:
+    calibration = getattr(detector, "calibration_", None)
+    if calibration is None:
+        return ("no calibrated threshold (calibration_fraction is 0, or too few training images to hold any out): "
+                "decisions need a threshold (omniad predict --threshold)")
+    return f"calibrated {calibration.describe()}"
+
+
+def _print_skipped(dataset, shown: int = 20) -> None:
+    """The entries of the data folders the reader does not use (the dataset's ``skipped``), on stderr."""
+    skipped = getattr(dataset, "skipped", [])
+    if not skipped:
+        return
+    print(f"{len(skipped)} entries of the {dataset.split} folders are not used:", file=sys.stderr)
+    for entry in skipped[:shown]:
+        print(f"  {entry.path}: {entry.reason}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"  ... and {len(skipped) - shown} more (MVTecDataset(...).skipped lists them all)", file=sys.stderr)
 
 
 def cmd_fit(args: argparse.Namespace, names: list[str]) -> int:
@@ -159,6 +178,7 @@ def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> 
 
     _, test_categories = _resolve_categories(args)
     test = _dataset(args.data, test_categories, "test", detector.image_size)
+    _print_skipped(test)
     report = evaluate(detector, test, progress=detector.progress)
     print(report.to_markdown())
     if out:
@@ -170,6 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from omniad.io import load_detector
 
     detector = load_detector(args.model, device=args.device)
+    print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
     _evaluate_and_write(detector, args, args.out)
     return 0
 
@@ -182,88 +203,18 @@ def cmd_run(args: argparse.Namespace, names: list[str]) -> int:
     return 0
 
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def _collect_inputs(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ValueError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    return files
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    import math
-
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from omniad.data import read_image
-    from omniad.data.images import resize_image
     from omniad.io import load_detector
-    from omniad.report import save_overlay
+    from omniad.prediction import predict
 
     detector = load_detector(args.model, device=args.device)
-    threshold = args.threshold if args.threshold is not None else detector.threshold_
-    files = _collect_inputs(args.inputs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, maps_for_overlay = [], []
-    size = detector.image_size
-    for start in tqdm(range(0, len(files), detector.batch_size), desc="predict", unit="batch",
-                      disable=not detector.progress):
-        chunk = files[start : start + detector.batch_size]
-        images = torch.stack([resize_image(read_image(p), size) for p in chunk])
-        result = detector.score(images)
-        for path, image, score, amap in zip(chunk, images, result.image_scores, result.anomaly_maps):
-            decision = bool(score > threshold) if math.isfinite(threshold) else None
-            rows.append({"path": str(path), "score": float(score), "anomalous": decision})
-            if args.overlays:
-                maps_for_overlay.append((path, image, amap))
-    if maps_for_overlay:
-        values = torch.stack([m for _, _, m in maps_for_overlay]).flatten().numpy()
-        vmin, vmax = (float(v) for v in np.percentile(values, [1, 100]))  # one colour scale for the whole run
-        if math.isfinite(threshold):
-            vmin = min(vmin, threshold)
-        for path, image, amap in maps_for_overlay:
-            save_overlay(image, amap, out / "overlays" / _overlay_name(path, files), vmin=vmin, vmax=vmax)
-    _write_results(rows, out, threshold)
-    flagged = sum(1 for r in rows if r["anomalous"])
-    print(f"{len(rows)} images scored, {flagged} flagged anomalous at threshold {threshold:.4g}; "
-          f"results in {out}/results.csv and results.json")
+    result = predict(detector, args.inputs, args.out, overlays=args.overlays, threshold=args.threshold)
+    print(result.summary())
+    if result.failed:
+        print(f"omniad: {len(result.failed)} of {len(result.failed) + len(result.results)} input files could not "
+              "be read (listed above); the others were scored", file=sys.stderr)
+        return 1
     return 0
-
-
-def _overlay_name(path: Path, files: list[Path]) -> str:
-    """A unique overlay file name: the image's path relative to the inputs' common folder, '/' -> '_'."""
-    common = Path(os.path.commonpath([str(f.parent) for f in files]))
-    return "_".join(path.relative_to(common).with_suffix(".png").parts)
-
-
-def _write_results(rows: list[dict], out: Path, threshold: float) -> None:
-    import csv
-    import math
-
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "score", "anomalous"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
-    payload = {"threshold": threshold if math.isfinite(threshold) else None, "results": rows}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out / "results.json")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -304,9 +255,11 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder for results.csv, results.json, overlays/")
-    p.add_argument("--threshold", type=float, help="decision threshold (default: the model's calibrated one)")
+    p.add_argument("--threshold", type=float,
+                   help="decision threshold, overriding the model's calibrated one (the output says so)")
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
-                   help="write a heatmap overlay PNG per image (default: on)")
+                   help="write a heatmap overlay PNG per image, overlays/<path relative to the inputs' common "
+                        "folder>.png, e.g. overlays/sub/x.jpg.png (default: on)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
 
     p = sub.add_parser("list", help="list the registered detectors")

@@ -52,8 +52,11 @@ def run_demo(
 
 
 def _write_overlays(detector: Any, test: Any, folder: Path, save_overlay: Any) -> None:
-    """One heatmap overlay per (category, defect type) of the test set, on one colour scale."""
+    """One heatmap overlay per (category, defect type) of the test set, on one colour scale (the one
+    ``omniad predict`` uses: ``omniad.report.overlay_scale``)."""
     import torch
+
+    from omniad.report import overlay_scale
 
     chosen: dict[tuple[str, str], int] = {}
     for i, record in enumerate(test.samples):
@@ -64,9 +67,8 @@ def _write_overlays(detector: Any, test: Any, folder: Path, save_overlay: Any) -
         return
     samples = [test[i] for i in indices]
     result = detector.score(torch.stack([s.image for s in samples]))
-    vmin = float(detector.threshold_) if torch.isfinite(torch.tensor(detector.threshold_)) else None
-    vmin = float(result.anomaly_maps.min()) if vmin is None else min(vmin, float(result.anomaly_maps.min()))
-    vmax = float(result.anomaly_maps.max())
+    calibration = getattr(detector, "calibration_", None)
+    vmin, vmax = overlay_scale(result.anomaly_maps, None if calibration is None else calibration.threshold)
     for sample, amap in zip(samples, result.anomaly_maps):
         name = f"{sample.category}_{sample.defect_type}_{Path(sample.path).stem}.png"
         save_overlay(sample.image, amap, folder / name, vmin=vmin, vmax=vmax)

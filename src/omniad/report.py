@@ -6,6 +6,7 @@ Evaluation tables and their JSON / Markdown live in ``omniad.metrics`` (``evalua
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -78,6 +79,35 @@ def overlay_heatmap(
     scaled = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     blended = (1.0 - alpha) * np.clip(img, 0.0, 1.0).transpose(1, 2, 0) + alpha * jet(scaled)
     return Image.fromarray(np.round(blended * 255.0).astype(np.uint8))
+
+
+def overlay_scale(maps: Any, threshold: float | None = None) -> tuple[float, float]:
+    """The one colour scale of a set of overlays (``omniad predict`` and ``omniad demo`` both use it).
+
+    The scale spans the smallest to the largest map value of the whole set, widened to include the decision
+    threshold: overlays of different images are comparable, and when no map reaches the threshold (nothing
+    flagged) nothing is drawn dark red. Min and max (not percentiles) so that it can be computed batch by batch.
+
+    Args:
+        maps: anomaly maps (tensor or array of any shape), or an iterable of such batches.
+        threshold: the decision threshold in map units (image scores pool map values); None or NaN: none.
+
+    Returns:
+        (vmin, vmax) for ``overlay_heatmap`` / ``save_overlay``; non-finite map values are ignored, and a set
+        without finite values gives (0, 1).
+    """
+    batches = [maps] if hasattr(maps, "shape") else maps
+    low, high = math.inf, -math.inf
+    for batch in batches:
+        values = _to_numpy(batch)
+        values = values[np.isfinite(values)]
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if threshold is not None and math.isfinite(threshold):
+        low, high = min(low, float(threshold)), max(high, float(threshold))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return 0.0, 1.0
+    return low, high
 
 
 def _atomic_save(path: str | os.PathLike, write) -> Path:

@@ -1,7 +1,7 @@
 """Image readers, the synthetic multi-type generator and evaluation protocols."""
 
 from omniad.data.images import ImageReadError, read_image, read_mask, resize_image, resize_mask
-from omniad.data.mvtec import MVTecDataset, SampleRecord, list_categories
+from omniad.data.mvtec import MVTecDataset, SampleRecord, SkippedFile, list_categories
 from omniad.data.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "MVTecDataset",
     "SYNTHETIC_CATEGORIES",
     "SampleRecord",
+    "SkippedFile",
     "list_categories",
     "make_synthetic_dataset",
     "read_image",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ class ImageReadError(ValueError):
 def _open(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode ``path``, turning every failure into an ``ImageReadError``."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
     if not path.is_file():
@@ -48,7 +51,15 @@ def _open(path: str | os.PathLike) -> Image.Image:
     if not data:
         raise ImageReadError(f"{path}: file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused, so that a huge or
+        # malicious file is an error naming it instead of a memory blow-up
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReadError(
+            f"{path}: image too large ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from err
     except UnidentifiedImageError as err:
         raise ImageReadError(
             f"{path}: not an image Pillow can identify (wrong format or corrupt header)"

@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -56,9 +57,30 @@ class SampleRecord:
     has_mask: bool
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; other files (thumbs, notes) are ignored."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+class SkippedFile(NamedTuple):
+    """An entry of an image folder that the reader does not use, and why."""
+
+    path: Path
+    reason: str
+
+
+def _images_in(folder: Path, skipped: list[SkippedFile]) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name. Every other entry (a sub-folder, a broken link, a
+    file of another type) is appended to ``skipped`` with its reason: a file that is not used is reported,
+    never dropped silently."""
+    images: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() and not entry.exists():
+            skipped.append(SkippedFile(entry, f"broken symbolic link (its target {os.readlink(entry)} does not exist)"))
+        elif entry.is_dir():
+            skipped.append(SkippedFile(entry, f"sub-folder, not searched: images must lie directly in {folder}"))
+        elif not entry.is_file():
+            skipped.append(SkippedFile(entry, "not a regular file"))
+        elif entry.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(SkippedFile(entry, f"not an image file name (expected {', '.join(IMAGE_EXTENSIONS)})"))
+        else:
+            images.append(entry)
+    return images
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -105,19 +127,22 @@ def _mask_index(gt_folder: Path) -> dict[str, Path]:
     return {p.stem + p.suffix.lower(): p for p in gt_folder.iterdir() if p.is_file()}
 
 
-def _train_records(folder: Path, category: str, has_mask: bool) -> list[SampleRecord]:
+def _train_records(folder: Path, category: str, has_mask: bool, skipped: list[SkippedFile]) -> list[SampleRecord]:
     normal = _normal_folder(folder / "train")
     if normal is None:
         raise FileNotFoundError(
             f"category {category!r}: no normal training folder {folder / 'train' / 'good'} (or train/ok)"
         )
-    images = _images_in(normal)
+    own: list[SkippedFile] = []
+    images = _images_in(normal, own)
+    skipped += own
     if not images:
-        raise ValueError(f"category {category!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {normal}")
+        also = f"; it holds only {_listing([f'{s.path.name} ({s.reason})' for s in own])}" if own else ""
+        raise ValueError(f"category {category!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {normal}{also}")
     return [SampleRecord(p, None, 0, category, "good", has_mask) for p in images]
 
 
-def _test_records(folder: Path, category: str, has_mask: bool) -> list[SampleRecord]:
+def _test_records(folder: Path, category: str, has_mask: bool, skipped: list[SkippedFile]) -> list[SampleRecord]:
     test = folder / "test"
     if not test.is_dir():
         raise FileNotFoundError(f"category {category!r}: no test folder {test}")
@@ -126,7 +151,7 @@ def _test_records(folder: Path, category: str, has_mask: bool) -> list[SampleRec
     # Normal images first, then defect types in name order: a stable order for reports and seeds.
     kinds = sorted(_subfolders(test), key=lambda p: (p.name not in NORMAL_FOLDERS, p.name))
     for kind in kinds:
-        images = _images_in(kind)
+        images = _images_in(kind, skipped)
         if kind.name in NORMAL_FOLDERS:
             records += [SampleRecord(p, None, 0, category, "good", has_mask) for p in images]
             continue
@@ -161,6 +186,9 @@ class MVTecDataset(Dataset):
         samples: one ``SampleRecord`` per image, in a stable order (category, normal first, type, file name).
         has_masks: category -> whether it has pixel ground truth (``ground_truth/``).
         roots: the resolved roots.
+        skipped: every entry of the image folders read (train/good, test/<type>) that is not used, with the
+            reason (``SkippedFile``): sub-folders, broken symbolic links, files that are not images by name.
+            Unreadable image files are not listed here: reading them raises an ``ImageReadError`` naming them.
 
     Raises:
         FileNotFoundError: a missing root, category folder, train/good or test folder, or missing masks.
@@ -213,12 +241,13 @@ class MVTecDataset(Dataset):
 
         self.has_masks: dict[str, bool] = {}
         self.samples: list[SampleRecord] = []
+        self.skipped: list[SkippedFile] = []
         for name in selected:
             folder = found[name] / name
             has_mask = (folder / "ground_truth").is_dir()
             self.has_masks[name] = has_mask
             reader = _train_records if split == "train" else _test_records
-            self.samples += reader(folder, name, has_mask)
+            self.samples += reader(folder, name, has_mask, self.skipped)
 
     def __len__(self) -> int:
         return len(self.samples)

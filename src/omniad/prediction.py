@@ -1,0 +1,488 @@
+"""``predict``: score image files, folders or tensors with a fitted detector, decide at its one calibrated
+threshold, and write the results (what ``omniad predict`` runs; the CLI only parses and prints).
+
+Outputs when ``out`` is given, each file written atomically and the results last (a fresh ``results.json``
+means a finished run):
+
+    out/overlays/<name>  a heatmap overlay PNG per scored image, all on one colour scale (``report.overlay_scale``)
+    out/results.csv      one row per input: path, score, anomalous, overlay, error
+    out/results.json     the scored images, the threshold and where it came from, the method, the files that
+                         could not be read and the entries of the input folders that were not images
+
+Overlay names are unambiguous: an input file's path relative to the deepest folder holding every input file, as
+folders under ``overlays/``, with ``.png`` appended to the full file name (extension included). So ``a.png`` and
+``a.jpg`` give ``overlays/a.png.png`` and ``overlays/a.jpg.png``, ``sub/x.png`` and ``sub_x.png`` give
+``overlays/sub/x.png.png`` and ``overlays/sub_x.png.png``. In-memory images are named by position:
+``overlays/tensor_000003.png`` for ``tensor:3``.
+
+Bad input never gives a silent wrong result: a file that cannot be read is listed with its reason and the
+rest are scored; NaN or infinite scores are an error naming the files; a model without a calibrated threshold
+makes no decisions (they are None) unless a threshold is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from omniad.calibration import Calibration
+from omniad.data.images import IMAGE_EXTENSIONS, ImageReadError, read_image, resize_image
+from omniad.report import _atomic_save, overlay_scale, save_overlay
+
+RESULT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
+_SHOWN = 10  # entries listed in a summary before "... and N more"
+
+
+class InputIssue(NamedTuple):
+    """An input that was not scored: a file that could not be read, or a folder entry that is not an image."""
+
+    path: str
+    reason: str
+
+
+class PredictedImage(NamedTuple):
+    """One scored image.
+
+    Attributes:
+        path: the file as given or found in a folder (``tensor:<i>`` for in-memory images).
+        score: the image score (higher = more anomalous).
+        anomalous: ``score > threshold``; None when there is no threshold.
+        overlay: the overlay's path relative to ``out`` (e.g. ``overlays/sub/x.png.png``), or None.
+    """
+
+    path: str
+    score: float
+    anomalous: bool | None
+    overlay: str | None
+
+
+@dataclass
+class Prediction:
+    """What ``predict`` returns (and writes to ``results.json``).
+
+    Attributes:
+        results: the scored images, in input order.
+        failed: the input files that could not be read, each with the reason; they were not scored.
+        skipped: entries of the input folders that were not used (files that are not images by name, links to
+            folders, the output folder), each with the reason.
+        method: the detector's name.
+        threshold: the decision threshold used, or None (the model has no calibrated threshold and none was
+            given: no decisions).
+        threshold_source: one line on where the threshold came from.
+        calibration: the model's own calibration (None when it has none), whatever threshold was used.
+        out: the output folder, or None when nothing was written.
+    """
+
+    results: list[PredictedImage]
+    failed: list[InputIssue]
+    skipped: list[InputIssue]
+    method: str
+    threshold: float | None
+    threshold_source: str
+    calibration: Calibration | None = None
+    out: Path | None = None
+    image_size: int | None = field(default=None)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(N,) image scores of the scored images (float64)."""
+        return np.array([r.score for r in self.results], dtype=np.float64)
+
+    @property
+    def decisions(self) -> np.ndarray | None:
+        """(N,) boolean decisions, or None when there is no threshold."""
+        if self.threshold is None:
+            return None
+        return np.array([bool(r.anomalous) for r in self.results], dtype=bool)
+
+    @property
+    def n_flagged(self) -> int | None:
+        """How many images were flagged anomalous; None when there is no threshold."""
+        decisions = self.decisions
+        return None if decisions is None else int(decisions.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``results.json`` (JSON-able; no NaN)."""
+        return {
+            "method": self.method,
+            "image_size": self.image_size,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "calibration": None if self.calibration is None else self.calibration.describe(),
+            "n_scored": len(self.results),
+            "n_flagged": self.n_flagged,
+            "n_failed": len(self.failed),
+            "results": [r._asdict() for r in self.results],
+            "failed": [f._asdict() for f in self.failed],
+            "skipped": [s._asdict() for s in self.skipped],
+        }
+
+    def summary(self) -> str:
+        """A few lines for people: counts, the threshold and its source, every file that failed."""
+        lines = [f"{len(self.results)} images scored with {self.method}; " + self._decision_line()]
+        if self.out is not None:
+            lines.append(f"results in {self.out / 'results.csv'} and {self.out / 'results.json'}")
+        if self.failed:
+            lines.append(f"{len(self.failed)} input files could not be read and were not scored:")
+            lines += [f"  {f.path}: {f.reason}" for f in self.failed]  # every one: each needs fixing
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} entries of the input folders were not used:")
+            lines += [f"  {s.path}: {s.reason}" for s in self.skipped[:_SHOWN]]
+            if len(self.skipped) > _SHOWN:
+                lines.append(f"  ... and {len(self.skipped) - _SHOWN} more (all in results.json)")
+        return "\n".join(lines)
+
+    def _decision_line(self) -> str:
+        if self.threshold is None:
+            return (
+                "no decisions: the model has no calibrated threshold (fit it with calibration_fraction > 0, "
+                "or give a threshold: --threshold on the command line, threshold= in Python)"
+            )
+        return f"{self.n_flagged} flagged anomalous at {self.threshold_source}"
+
+
+class _Item(NamedTuple):
+    name: str
+    path: Path | None
+    image: Tensor | None
+    overlay: str
+
+
+def decision_rule(calibration: Calibration | None, threshold: float | None) -> tuple[Calibration | None, str]:
+    """The rule ``predict`` decides with: the model's calibration, or a copy of it at a threshold given by the
+    user (whose ``target_far`` is then the share of the calibration's normal images that threshold flags).
+
+    Returns:
+        (rule, one line saying where its threshold comes from); rule is None when there is no threshold.
+
+    Raises:
+        ValueError: ``threshold`` is NaN or infinite.
+    """
+    if threshold is None:
+        if calibration is None:
+            return None, "none: the model has no calibrated threshold"
+        return calibration, calibration.describe()
+    value = float(threshold)
+    if not math.isfinite(value):
+        raise ValueError(f"the threshold must be a finite number, got {threshold!r}")
+    if calibration is None:
+        # a bare rule: no normal scores to report a false-alarm rate on
+        rule = Calibration(value, float("nan"), np.empty(0), "given by the user")
+        return rule, f"threshold {value:.6g} given by the user (the model has no calibrated threshold)"
+    far = calibration.false_alarm_rate(value)
+    rule = dataclasses.replace(calibration, threshold=value, target_far=far, source="given by the user")
+    return rule, (
+        f"threshold {value:.6g} given by the user, overriding the model's calibrated {calibration.threshold:.6g}; "
+        f"it flags {far:.1%} of the model's {calibration.normal_scores.size} held-out normal images "
+        f"(the calibrated one aims at {calibration.target_far:g})"
+    )
+
+
+def collect_inputs(inputs: Any, exclude: str | os.PathLike | None = None) -> tuple[list[Path], list[InputIssue]]:
+    """The image files named by ``inputs`` (files and folders), and the folder entries not used.
+
+    Folders are searched recursively (links to folders are not followed, to avoid loops) for files named
+    ``*.png .jpg .jpeg .bmp .tif .tiff`` (any case), in name order. A file given by name is used whatever its
+    extension; the same file given twice is used once.
+
+    Args:
+        inputs: a path or a sequence of paths.
+        exclude: a folder never searched (the output folder, so that a second run does not score the first
+            run's overlays).
+
+    Returns:
+        (files, skipped): skipped lists other files, links to folders and the excluded folder, with reasons.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: an input folder holds no image files.
+    """
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+    files: list[Path] = []
+    skipped: list[InputIssue] = []
+    seen: set[str] = set()
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found = _walk(path, excluded, skipped)
+            if not found:
+                raise ValueError(f"{path}: folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        elif path.is_file() or path.is_symlink():  # a broken link is listed as failed when it is read
+            found = [path]
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        for file in found:
+            key = os.path.abspath(file)
+            if key not in seen:
+                seen.add(key)
+                files.append(file)
+    return files, skipped
+
+
+def _walk(folder: Path, excluded: str | None, skipped: list[InputIssue]) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        kept = []
+        for name in sorted(dirnames):
+            sub = here / name
+            if sub.is_symlink():
+                skipped.append(InputIssue(str(sub), "link to a folder, not followed (give it as an input of its own)"))
+            elif excluded is not None and os.path.realpath(sub) == excluded:
+                skipped.append(InputIssue(str(sub), "the output folder of this run"))
+            else:
+                kept.append(name)
+        dirnames[:] = kept  # os.walk descends into what is left, in this order
+        for name in sorted(filenames):
+            path = here / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(path)
+            else:
+                skipped.append(InputIssue(str(path), f"not an image file name ({' '.join(IMAGE_EXTENSIONS)})"))
+    return found
+
+
+def overlay_names(files: Sequence[Path]) -> list[str]:
+    """Overlay file names (relative to ``out``) of input files: see the module docstring.
+
+    The path relative to the deepest common folder is unique per file, and appending ``.png`` to the whole name
+    keeps it unique (``a.png`` and ``a.jpg`` stay apart).
+    """
+    if not files:
+        return []
+    absolute = [os.path.abspath(f) for f in files]
+    common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    return [f"overlays/{Path(os.path.relpath(a, common)).as_posix()}.png" for a in absolute]
+
+
+def _items(detector: Any, inputs: Any, exclude: Path | None) -> tuple[list[_Item], list[InputIssue]]:
+    """Files and in-memory images as one list in the order given, each with its overlay name."""
+    if isinstance(inputs, (Tensor, str, os.PathLike)):
+        inputs = [inputs]
+    entries: list[Path | Tensor] = []
+    skipped: list[InputIssue] = []
+    seen: set[str] = set()
+    for item in inputs:
+        if isinstance(item, Tensor):
+            entries += list(item.unbind(0)) if item.dim() == 4 else [item]
+        elif isinstance(item, (str, os.PathLike)):
+            files, skips = collect_inputs([item], exclude)
+            skipped += skips
+            for file in files:  # the same file given twice (in a folder and by name) is scored once
+                if os.path.abspath(file) not in seen:
+                    seen.add(os.path.abspath(file))
+                    entries.append(file)
+        else:
+            raise TypeError(f"predict reads file or folder paths and image tensors, got a {type(item).__name__}")
+    if not entries:
+        raise ValueError("predict was given no inputs")
+    names = iter(overlay_names([e for e in entries if isinstance(e, Path)]))
+    items: list[_Item] = []
+    for entry in entries:
+        if isinstance(entry, Path):
+            items.append(_Item(str(entry), entry, None, next(names)))
+            continue
+        index = sum(1 for i in items if i.path is None)
+        name = f"tensor:{index}"
+        try:
+            image = detector.preprocess(entry)[0]  # the detector's own checks: shape, float, [0, 1]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {err}") from None
+        items.append(_Item(name, None, image, f"overlays/tensor_{index:06d}.png"))
+    overlays = [i.overlay for i in items]
+    if len(set(overlays)) != len(overlays):  # only a file named like a tensor's overlay (tensor_000001) can
+        clash = next(i for i in items if overlays.count(i.overlay) > 1)
+        raise ValueError(f"two inputs would share the overlay {clash.overlay}; rename {clash.name}")
+    return items, skipped
+
+
+def predict(
+    detector: Any,
+    inputs: Any,
+    out: str | os.PathLike | None = None,
+    *,
+    overlays: bool = True,
+    threshold: float | None = None,
+    progress: bool | None = None,
+    batch_size: int | None = None,
+) -> Prediction:
+    """Score images with a fitted detector and decide at its calibrated threshold (or at ``threshold``).
+
+    Args:
+        detector: a fitted detector (``score``, ``image_size``; ``calibration_`` for decisions).
+        inputs: image file or folder paths (folders searched recursively), or a (N, 3, H, W) tensor / list of
+            (3, H, W) tensors with values in [0, 1]; a mix of paths and tensors is allowed. Images are resized to
+            ``detector.image_size``. Results keep the order given (folders in name order).
+        out: folder for results.csv, results.json and overlays/ (created); None: write nothing.
+        overlays: write a heatmap overlay per scored image (only with ``out``).
+        threshold: decide at this threshold instead of the model's calibrated one.
+        progress: show a progress bar (default: ``detector.progress``).
+        batch_size: images per ``score`` call (default: ``detector.batch_size``).
+
+    Returns:
+        A ``Prediction``: the scored images, the files that could not be read (with reasons), the threshold
+        and its source. Unreadable files are listed, not raised: the other images are still scored.
+
+    Raises:
+        ValueError: no input could be read, an image's score is NaN or infinite (naming the files; nothing is
+            written), a folder holds no images, a bad in-memory image, a non-finite ``threshold``.
+        FileNotFoundError: an input path does not exist.
+    """
+    calibration = getattr(detector, "calibration_", None)
+    rule, source = decision_rule(calibration, threshold)
+    out_path = None if out is None else Path(out)
+    items, skipped = _items(detector, inputs, out_path)
+    size = int(detector.image_size)
+    batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
+    show = getattr(detector, "progress", False) if progress is None else progress
+    draw = overlays and out_path is not None
+
+    names: list[str] = []
+    scores: list[float] = []
+    overlay_of: list[str | None] = []
+    failed: list[InputIssue] = []
+    with contextlib.ExitStack() as stack:
+        spill = None
+        if draw:
+            # maps and images wait on disk until the colour scale of the whole run is known: memory stays at
+            # one batch however many images there are
+            out_path.mkdir(parents=True, exist_ok=True)
+            spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".predict-", dir=out_path)))
+        for number, chunk in enumerate(_chunks(items, batch_size, show)):
+            good, images = [], []
+            for item in chunk:
+                if item.image is not None:
+                    good.append(item)
+                    images.append(item.image)
+                    continue
+                try:
+                    image = read_image(item.path)
+                except (ImageReadError, OSError) as err:
+                    failed.append(InputIssue(item.name, _reason(err, item.path)))
+                    continue
+                good.append(item)
+                images.append(resize_image(image, size))
+            if not good:
+                continue
+            batch = torch.stack(images)
+            result = detector.score(batch)
+            values = result.image_scores.detach().double().cpu().reshape(-1).numpy()
+            if values.size != len(good):
+                raise ValueError(
+                    f"{type(detector).__name__}.score returned {values.size} scores for {len(good)} images"
+                )
+            names += [i.name for i in good]
+            scores += values.tolist()
+            overlay_of += [i.overlay if draw else None for i in good]
+            if spill is not None:
+                np.savez(
+                    spill / f"{number:08d}.npz",
+                    images=(batch.clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+                    maps=result.anomaly_maps.detach().float().cpu().numpy(),
+                    overlays=np.array([i.overlay for i in good]),
+                )
+        _check_finite(names, scores)
+        if not names:
+            listed = "; ".join(f"{f.path}: {f.reason}" for f in failed)
+            raise ValueError(f"none of the {len(failed)} input files could be read: {listed}")
+        decisions: list[bool | None] = [None] * len(names)
+        if rule is not None:
+            decisions = [bool(d) for d in rule.decide(np.asarray(scores))]
+        if spill is not None:
+            _write_overlays(spill, out_path, None if rule is None else rule.threshold)
+
+    prediction = Prediction(
+        results=[PredictedImage(*row) for row in zip(names, scores, decisions, overlay_of, strict=True)],
+        failed=failed,
+        skipped=skipped,
+        method=getattr(detector, "name", type(detector).__name__),
+        threshold=None if rule is None else rule.threshold,
+        threshold_source=source,
+        calibration=calibration,
+        out=out_path,
+        image_size=size,
+    )
+    if out_path is not None:
+        write_results(prediction, out_path)
+    return prediction
+
+
+def _chunks(items: list[_Item], size: int, progress: bool) -> Iterator[list[_Item]]:
+    starts = range(0, len(items), size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", leave=False)
+    for start in starts:
+        yield items[start : start + size]
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """The error without the ``<path>: `` prefix the readers put first (the path is listed beside it)."""
+    text = str(err)
+    prefix = f"{path}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _check_finite(names: list[str], scores: list[float]) -> None:
+    bad = [name for name, score in zip(names, scores, strict=True) if not math.isfinite(score)]
+    if bad:
+        shown = ", ".join(bad[:_SHOWN]) + (f", ... ({len(bad)} in all)" if len(bad) > _SHOWN else "")
+        raise ValueError(
+            f"{len(bad)} of {len(scores)} image scores are NaN or infinite, so no decision can be made on them "
+            f"and nothing was written: {shown}"
+        )
+
+
+def _write_overlays(spill: Path, out: Path, threshold: float | None) -> None:
+    parts = sorted(spill.glob("*.npz"))
+    vmin, vmax = overlay_scale(_stored_maps(parts), threshold)
+    for part in parts:
+        with np.load(part) as stored:
+            for image, amap, name in zip(stored["images"], stored["maps"], stored["overlays"], strict=True):
+                save_overlay(image.astype(np.float32) / 255.0, amap, out / str(name), vmin=vmin, vmax=vmax)
+
+
+def _stored_maps(parts: list[Path]) -> Iterator[np.ndarray]:
+    for part in parts:
+        with np.load(part) as stored:
+            yield stored["maps"]
+
+
+def write_results(prediction: Prediction, out: str | os.PathLike) -> None:
+    """Write ``results.csv`` (one row per input, the unreadable ones with their error) and ``results.json``,
+    each atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    for r in prediction.results:
+        anomalous = "" if r.anomalous is None else str(r.anomalous)
+        writer.writerow({"path": r.path, "score": repr(r.score), "anomalous": anomalous, "overlay": r.overlay or "",
+                         "error": ""})
+    for f in prediction.failed:
+        writer.writerow({"path": f.path, "score": "", "anomalous": "", "overlay": "", "error": f.reason})
+    text = buffer.getvalue()
+    _atomic_save(out / "results.csv", lambda tmp: Path(tmp).write_text(text, newline=""))
+    payload = json.dumps(prediction.to_dict(), indent=2, allow_nan=False)
+    _atomic_save(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
+
+
+__all__ = ["InputIssue", "PredictedImage", "Prediction", "collect_inputs", "decision_rule", "overlay_names",
+           "predict", "write_results"]
