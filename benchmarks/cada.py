@@ -8,9 +8,11 @@ gives per type; per-type histograms of image scores before and after alignment.
     python benchmarks/cada.py --sets synthetic --bases padim     # a quick look
 
 Each base is fitted ONCE (on the training images minus a 10% hold-out, calibration_fraction=0) and shared by all
-its alignment variants: ``CADA.collect`` scores the base's training images once (targets + frozen features),
-every head trains on that cache, and the test and hold-out images pass through the base once; each variant then
-only re-aligns the stored maps. Results go to benchmarks/results/cada.md (+ .json) and cada-<set>.png.
+its alignment variants: ``CADA.extract`` scores the base's training images once (targets + frozen features),
+every head trains on that cache (``fit_features``), and the test and hold-out images pass through the base once;
+each variant then only re-aligns the stored maps, and its report is made from those scores
+(``report_from_scores``) with one threshold set on the hold-out's (``Calibration.from_normal_scores``).
+Results go to benchmarks/results/cada.md (+ .json) and cada-<set>.png.
 """
 
 from __future__ import annotations
@@ -26,21 +28,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import DEFAULT_DATA, light_sample, pct, scored_set
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from omniad import create_detector, list_detectors
 from omniad.align import CADA, ClassAwareA, ClassAwareB, map_moments
 from omniad.backbone import Backbone
-from omniad.calibration import threshold_at_far
+from omniad.calibration import Calibration
 from omniad.data import MVTecDataset
 from omniad.data.sources import split_holdout
-from omniad.metrics import evaluate, ranking_metrics
+from omniad.metrics import describe_detector, ranking_metrics, report_from_scores
 from omniad.registry import detector_class
 from omniad.types import AnomalyScores, Sample
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-INDUSTRIAL = SHARED / "data" / "industrial"
+INDUSTRIAL = DEFAULT_DATA
 BASES = ["revdist", "recontrast", "uniad", "patchcore", "padim"]
 # CPU settings (2 shared cores). Image scores: mean of the top 1% of the map for every base, as in the paper
 # ("with or without CADA, these base methods follow the same hyperparameters"), so the columns differ only by
@@ -143,24 +145,11 @@ def load_split(root: Path, split: str, size: int, per_type: int | None = None, s
         s = data[i]
         grey = grey and bool((s.image[0] == s.image[1]).all() and (s.image[0] == s.image[2]).all())
         images.append(s.image)
-        light.append(Sample(torch.zeros(3, 1, 1), s.mask, s.label, s.category, s.defect_type, s.path, s.has_mask))
+        light.append(light_sample(s))
     stacked = torch.stack(images)
     if grey:
         stacked = stacked[:, :1].contiguous()
     return ImageCache(stacked), light, [s.category for s in light]
-
-
-class Precomputed:
-    """Hands ``evaluate`` stored scores batch by batch, in dataset order (the variant's maps are computed once)."""
-
-    def __init__(self, name: str, scores: torch.Tensor, maps: torch.Tensor, threshold: float, far: float) -> None:
-        self.name, self.scores, self.maps = name, scores, maps
-        self.threshold_, self.target_far, self.batch_size, self._cursor = threshold, far, 64, 0
-
-    def score(self, images: torch.Tensor) -> AnomalyScores:
-        n, start = images.shape[0], self._cursor
-        self._cursor += n
-        return AnomalyScores(self.scores[start : start + n], self.maps[start : start + n])
 
 
 def base_pass(cada: CADA, images: Dataset, batch: int = 16) -> tuple[AnomalyScores, torch.Tensor]:
@@ -169,7 +158,7 @@ def base_pass(cada: CADA, images: Dataset, batch: int = 16) -> tuple[AnomalyScor
     loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=False)
     with torch.no_grad():
         for x in loader:
-            raw, f = cada.base_and_features(x)
+            raw, f = cada.reader_.base_and_features(cada.base_, x.to(cada.base_.device_))
             scores.append(raw.image_scores.float().cpu())
             maps.append(raw.anomaly_maps.float().cpu())
             feats.append(f.float().cpu())
@@ -223,14 +212,17 @@ def run_base(name: str, set_name: str, train: ImageCache, train_cats: list[str],
     t = time.perf_counter()
     head = dict(iterations=args.cada_iterations, calibration_fraction=0.0, **common)
     cada = CADA(base=base, **head)
-    data = cada.collect(fit_set)  # one pass of the base over its own training images: targets + features
+    data = cada.extract(fit_set)  # one pass of the base over its own training images: targets + features
     times["targets + features"] = time.perf_counter() - t
     t = time.perf_counter()
-    cada.fit_alignment(data)
-    sigma = CADA(base=base, target="u_sigma", **head).fit_alignment(data)
-    aware_a = ClassAwareA(base=base, calibration_fraction=0.0, **common).fit_alignment(data, fit_cats)
+    cada.fit_features(data)
+    sigma = CADA(base=base, target="u_sigma", **head).fit_features(data)
+    # A trains nothing, so iterations is unused; it is given because the core refuses iterations=None (the
+    # default) before deriving the paper's value
+    aware_a = ClassAwareA(base=base, iterations=args.cada_iterations, calibration_fraction=0.0, **common)
+    aware_a.fit_features(data, categories=fit_cats)
     aware_b = ClassAwareB(base=base, iterations=args.cada_iterations, calibration_fraction=0.0, **common)
-    aware_b.fit_alignment(data, fit_cats)
+    aware_b.fit_features(data, categories=fit_cats)
     times["heads (3 x SGD)"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -252,13 +244,13 @@ def run_base(name: str, set_name: str, train: ImageCache, train_cats: list[str],
     predicted = aware_b.predict_categories_from_features(test_feats)
     b_accuracy = float(np.mean([p == c for p, c in zip(predicted, test_cats)]))
 
-    def variant(key: str, maps: torch.Tensor, feats: torch.Tensor, cats: list[str]) -> AnomalyScores:
+    detectors = {"base": base, "CADA": cada, "CADA (u,σ)": sigma, "class-aware A": aware_a, "class-aware B": aware_b}
+
+    def variant(key: str, maps: torch.Tensor, feats: torch.Tensor, cats: list[str]) -> AnomalyScores | None:
         if key == "base":
             return None
-        if key == "CADA":
-            return chunked(cada.align, maps, feats)
-        if key == "CADA (u,σ)":
-            return chunked(sigma.align, maps, feats)
+        if key in ("CADA", "CADA (u,σ)"):
+            return detectors[key].score_cached([maps, feats])
         if key == "class-aware A":
             return chunked(lambda m, i: aware_a.align_with_categories(m, [cats[j] for j in i.tolist()]), maps,
                            torch.arange(maps.shape[0]))
@@ -270,9 +262,13 @@ def run_base(name: str, set_name: str, train: ImageCache, train_cats: list[str],
     for key in VARIANTS:
         test_out = variant(key, test_raw.anomaly_maps, test_feats, test_cats) or test_raw
         hold_out = variant(key, hold_raw.anomaly_maps, hold_feats, hold_cats) or hold_raw
-        threshold = threshold_at_far(hold_out.image_scores.numpy(), args.target_far)
-        report = evaluate(Precomputed(f"{name}/{key}", test_out.image_scores, test_out.anomaly_maps, threshold,
-                                      args.target_far), _no_pixels(light), progress=False, batch_size=64)
+        calibration = Calibration.from_normal_scores(
+            hold_out.image_scores, args.target_far, f"{len(hold_idx)} held-out normal training images, never trained on"
+        )
+        threshold = calibration.threshold
+        # image metrics and decisions only: the exact pixel metrics (without AU-PRO) come from pixel_rows
+        report = report_from_scores(scored_set(light, test_out, pixels=False), calibration,
+                                    describe_detector(detectors[key]))
         pixels = pixel_rows(test_out.anomaly_maps, light, test_cats)
         rows = {}
         for row, values in report.rows.items():
@@ -290,17 +286,12 @@ def run_base(name: str, set_name: str, train: ImageCache, train_cats: list[str],
             "feature_stage": cada.reader_.stage, "feature_shared": cada.reader_.shared,
             "b_accuracy": b_accuracy, "map_statistics": diagnostics, "n_fit": len(fit_idx), "n_holdout": len(hold_idx),
             "cada_final_loss": float(np.mean(cada.loss_history_[-20:])),
-            "iterations_cada": cada.resolved_iterations()}
+            "iterations_cada": cada.resolved_.iterations}
 
 
 def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
     fit, hold = split_holdout(list(range(n)), 0.1, seed)
     return list(fit.indices), list(hold.indices)
-
-
-def _no_pixels(light: list[Sample]) -> list[Sample]:
-    """The samples with has_mask False: evaluate then skips its pixel metrics (computed here without AU-PRO)."""
-    return [Sample(s.image, s.mask, s.label, s.category, s.defect_type, s.path, False) for s in light]
 
 
 def _histogram(scores, light, cats, threshold, path: Path, title: str) -> None:
@@ -343,10 +334,6 @@ def type_prior_auroc(rows: dict[str, dict[str, Any]], cats: list[str]) -> float:
     return ranking_metrics(labels, scores)["auroc"]
 
 
-def _pct(v: Any) -> str:
-    return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
-
-
 def markdown(per_set: dict[str, dict[str, Any]]) -> str:
     labels_used = {"base": "none", "CADA": "none", "CADA (u,σ)": "none", "class-aware A": "train + test",
                    "class-aware B": "train"}
@@ -377,9 +364,9 @@ def markdown(per_set: dict[str, dict[str, Any]]) -> str:
                 delta = "" if key == "base" else f"{100 * (mx['image_auroc'] - ref):+.1f}"
                 lines.append(
                     f"| {base} | {'without CADA' if key == 'base' else key} | {labels_used[key]} | "
-                    f"{_pct(mx['image_auroc'])} | {_pct(mx['image_ap'])} | {_pct(mx['pixel_auroc'])} | "
-                    f"{_pct(mx['pixel_ap'])} | {_pct(mn['image_auroc'])} | {_pct(mn['image_ap'])} | "
-                    f"{_pct(mn['pixel_auroc'])} | {_pct(mn['pixel_ap'])} | {delta} |")
+                    f"{pct(mx['image_auroc'])} | {pct(mx['image_ap'])} | {pct(mx['pixel_auroc'])} | "
+                    f"{pct(mx['pixel_ap'])} | {pct(mn['image_auroc'])} | {pct(mn['image_ap'])} | "
+                    f"{pct(mn['pixel_auroc'])} | {pct(mn['pixel_ap'])} | {delta} |")
         cats = first["categories"]
         priors = {}
         for res in bases.values():
@@ -390,7 +377,7 @@ def markdown(per_set: dict[str, dict[str, Any]]) -> str:
         if priors:
             lines += ["", "Reference: a score that knows only each test image's type (its type's share of defective "
                       "images) reaches a mixed image AUROC of "
-                      + ", ".join(f"{_pct(v)} (test counts normal/defective per type {list(k)})"
+                      + ", ".join(f"{pct(v)} (test counts normal/defective per type {list(k)})"
                                   for k, v in priors.items())
                       + ". A base whose score offset between types follows the defect shares gets that much "
                       "without detecting anything, and alignment removes it."]
@@ -400,7 +387,7 @@ def markdown(per_set: dict[str, dict[str, Any]]) -> str:
         for base, res in bases.items():
             for key in VARIANTS:
                 r = res["results"][key]["rows"]
-                cells = [f"{_pct(r[c]['false_alarm_rate'])} / {_pct(r[c]['miss_rate'])}" for c in cats + ["mixed"]]
+                cells = [f"{pct(r[c]['false_alarm_rate'])} / {pct(r[c]['miss_rate'])}" for c in cats + ["mixed"]]
                 lines.append(f"| {base} | {'without CADA' if key == 'base' else key} | " + " | ".join(cells) + " |")
         lines += ["", "### Are the training maps a fair stand-in for normal maps?", "",
                   "CADA's targets (and class-aware A's statistics) are the base's maps of its own training images. "
@@ -485,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                            read_seconds=read_s)
                 (runs / f"{set_name}-{name}.json").write_text(json.dumps(res, indent=1, default=float))
                 r = res["results"]
-                print(f"[{set_name}] {name}: mixed I-AUROC {_pct(r['base']['rows']['mixed']['image_auroc'])} -> "
-                      f"CADA {_pct(r['CADA']['rows']['mixed']['image_auroc'])} ({res['wall_seconds']:.0f} s)",
+                print(f"[{set_name}] {name}: mixed I-AUROC {pct(r['base']['rows']['mixed']['image_auroc'])} -> "
+                      f"CADA {pct(r['CADA']['rows']['mixed']['image_auroc'])} ({res['wall_seconds']:.0f} s)",
                       flush=True)
     assemble(out)
     return 0

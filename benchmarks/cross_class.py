@@ -27,12 +27,14 @@ import torch
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
-from common import DEFAULT_DATA, parse_params
+from common import DEFAULT_DATA, batch_samples, parse_params, scored_set
 
 from omniad import create_detector, list_detectors
 from omniad.data import MVTecDataset, make_synthetic_dataset
 from omniad.data.protocols import cross_class_split
-from omniad.metrics import evaluate
+from omniad.data.sources import iterate_samples
+from omniad.metrics import describe_detector, evaluate, report_from_scores
+from omniad.types import AnomalyScores
 
 # CPU settings of each method in this benchmark (the detectors' defaults stay the papers').
 CPU_SETTINGS: dict[str, dict] = {
@@ -60,35 +62,24 @@ def subsample(dataset: MVTecDataset, per_group: int | None, by_type: bool, seed:
     return Subset(dataset, sorted(keep))
 
 
-class _Recorder:
-    """Stands in for a PMAD detector inside ``evaluate``: scores each batch with every variant in one pass
-    (``PMAD.score_variants``), hands back the first and keeps the rest for ``_Replayer``."""
+def score_variants(detector, test, keys: list[str]) -> tuple[dict[str, AnomalyScores], list, float]:
+    """Every PMAD score variant in ``keys`` of every test image, from one scoring pass (``PMAD.score_variants``).
 
-    def __init__(self, detector, keys: list[str]) -> None:
-        self._detector, self._keys = detector, keys
-        self.batches: dict[str, list] = {k: [] for k in keys}
-
-    def __getattr__(self, name: str):
-        return getattr(self._detector, name)
-
-    def score(self, images):
-        variants = self._detector.score_variants(images)
-        for key in self._keys:
-            self.batches[key].append(variants[key])
-        return variants[self._keys[0]]
-
-
-class _Replayer:
-    """Replays recorded scores, batch by batch, in the order ``evaluate`` asks for them."""
-
-    def __init__(self, detector, batches: list) -> None:
-        self._detector, self._batches = detector, list(batches)
-
-    def __getattr__(self, name: str):
-        return getattr(self._detector, name)
-
-    def score(self, images):
-        return self._batches.pop(0)
+    Returns:
+        The scores per variant, the test samples without their pixels (same order) and the seconds spent scoring.
+    """
+    parts: dict[str, list[AnomalyScores]] = {key: [] for key in keys}
+    samples, seconds = [], 0.0
+    for batch in iterate_samples(test, detector.batch_size):
+        started = time.perf_counter()
+        variants = detector.score_variants(batch.images)
+        seconds += time.perf_counter() - started
+        for key in keys:
+            parts[key].append(variants[key])
+        samples += batch_samples(batch)
+    scores = {key: AnomalyScores(torch.cat([p.image_scores for p in batches]),
+                                 torch.cat([p.anomaly_maps for p in batches])) for key, batches in parts.items()}
+    return scores, samples, seconds
 
 
 def run(method: str, params: dict, train, test, variants: list[str] | None) -> list[tuple[str, object, float, float]]:
@@ -100,10 +91,10 @@ def run(method: str, params: dict, train, test, variants: list[str] | None) -> l
     out = []
     started = time.perf_counter()
     if variants:
-        recorder = _Recorder(detector, variants)
-        reports = {variants[0]: evaluate(recorder, test, progress=False)}
-        for key in variants[1:]:
-            reports[key] = evaluate(_Replayer(detector, recorder.batches[key]), test, progress=False)
+        scores, samples, seconds = score_variants(detector, test, variants)
+        meta = describe_detector(detector)
+        reports = {key: report_from_scores(scored_set(samples, scores[key], score_seconds=seconds),
+                                           detector.calibration_, meta) for key in variants}
         eval_s = time.perf_counter() - started
         out = [(f"{method} [{key}]", report, fit_s, eval_s) for key, report in reports.items()]
     else:

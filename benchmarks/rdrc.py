@@ -23,7 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
-from common import DEFAULT_DATA  # noqa: E402
+from common import DEFAULT_DATA, pct  # noqa: E402
 
 
 def run_method(method: str, params: dict, data: str, image_size: int, out: str, threads: int) -> dict:
@@ -56,10 +56,6 @@ def run_method(method: str, params: dict, data: str, image_size: int, out: str, 
     }
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
-
-
 def summary_table(results: list[dict]) -> list[str]:
     head = "| method | iterations | row | I-AUROC | I-AP | P-AUROC | P-AP | P-AUPRO | FAR | miss |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -67,9 +63,9 @@ def summary_table(results: list[dict]) -> list[str]:
         for row in r["meta"]["categories"] + ["mean", "mixed"]:
             v = r["rows"][row]
             lines.append(
-                f"| {r['method']} | {r['params']['iterations']} | {row} | {_pct(v.get('image_auroc'))} | "
-                f"{_pct(v.get('image_ap'))} | {_pct(v.get('pixel_auroc'))} | {_pct(v.get('pixel_ap'))} | "
-                f"{_pct(v.get('pixel_aupro'))} | {_pct(v.get('false_alarm_rate'))} | {_pct(v.get('miss_rate'))} |"
+                f"| {r['method']} | {r['params']['iterations']} | {row} | {pct(v.get('image_auroc'))} | "
+                f"{pct(v.get('image_ap'))} | {pct(v.get('pixel_auroc'))} | {pct(v.get('pixel_ap'))} | "
+                f"{pct(v.get('pixel_aupro'))} | {pct(v.get('false_alarm_rate'))} | {pct(v.get('miss_rate'))} |"
             )
     return lines
 

@@ -8,7 +8,8 @@ benchmarks/results/industrial-patchcore/report.json, or fitted here with --run-p
     python benchmarks/uniad.py --cache /tmp/uniad-features.pt  # reuse the backbone features between runs
 
 The backbone runs once over the train and test images; every configuration trains and is scored on that cache
-(``UniAD.extract`` / ``fit_features`` / ``score_features`` give the same numbers as ``fit`` / ``score``).
+(``UniAD.extract`` / ``fit_features`` / ``score_cached`` give the same numbers as ``fit`` / ``score``); each
+threshold is calibrated on the cached features of the same 10% of the training images that ``fit`` holds out.
 Writes a Markdown table and the JSON behind it to ``--out`` (default benchmarks/results/uniad-latest.md;
 benchmarks/results/uniad.md is the written-up summary of the runs behind the CPU preset).
 """
@@ -28,13 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import DEFAULT_DATA, parse_params
+from common import DEFAULT_DATA, batch_samples, parse_params, pct, scored_set
 
 from omniad import create_detector
+from omniad.calibration import Calibration
 from omniad.data import MVTecDataset
 from omniad.data.sources import iterate_samples, split_holdout
-from omniad.metrics import evaluate, image_auroc
-from omniad.types import AnomalyScores, Sample
+from omniad.metrics import describe_detector, evaluate, image_auroc, report_from_scores
+from omniad.params import as_namespace
+from omniad.types import Sample
 
 NO_MASK = (False, False, False)
 # Ablations of the CPU preset: each switches one of UniAD's mechanisms off ("no query + no mask" is the
@@ -51,29 +54,14 @@ PATCHCORE = {"coreset_ratio": 0.01, "coreset_candidates": 100_000}  # the CPU se
 PATCHCORE_REPORT = Path(__file__).resolve().parent / "results" / "industrial-patchcore" / "report.json"
 
 
-class Replay:
-    """Stands in for a detector in ``evaluate``: hands back scores computed earlier from cached features, in
-    the dataset's order; every other attribute (threshold, params, ...) is the wrapped detector's."""
-
-    def __init__(self, detector: Any, scores: AnomalyScores) -> None:
-        self._detector, self._scores, self._pos = detector, scores, 0
-
-    def score(self, images: torch.Tensor) -> AnomalyScores:
-        n, start = images.shape[0], self._pos
-        self._pos += n
-        if self._pos > len(self._scores.image_scores):
-            raise IndexError("Replay asked for more images than were scored")
-        return AnomalyScores(self._scores.image_scores[start : self._pos], self._scores.anomaly_maps[start : self._pos])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._detector, name)
-
-
 def cache_features(args: argparse.Namespace, probe: Any, train: Any, test: Any) -> dict[str, Any]:
-    """Run the backbone once over train and test; keep the test labels / masks / categories (no pixels)."""
+    """Run the backbone once over train and test; keep the test samples without their pixels."""
     if args.cache and Path(args.cache).is_file():
         print(f"features from {args.cache}")
-        return torch.load(args.cache, weights_only=False)
+        cache = torch.load(args.cache, weights_only=False)
+        if not all(isinstance(s, Sample) for s in cache["samples"]):
+            raise SystemExit(f"{args.cache} was written by an older version of this script: delete it")
+        return cache
     started = time.perf_counter()
     train_features = probe.extract(train)
     train_seconds = time.perf_counter() - started
@@ -82,23 +70,13 @@ def cache_features(args: argparse.Namespace, probe: Any, train: Any, test: Any) 
         features.append(probe.extract(batch.images))
         if len(sample_images) < 2:
             sample_images.append(batch.images)
-        for i in range(len(batch)):
-            samples.append(dict(mask=batch.masks[i] > 0.5, label=int(batch.labels[i]),
-                                category=batch.categories[i], defect_type=batch.defect_types[i],
-                                path=batch.paths[i], has_mask=bool(batch.has_mask[i])))
+        samples += batch_samples(batch)
     cache = dict(train=train_features, test=torch.cat(features), samples=samples,
                  sample_images=torch.cat(sample_images), train_extract_seconds=train_seconds,
                  extract_seconds=time.perf_counter() - started)
     if args.cache:
         torch.save(cache, args.cache)
     return cache
-
-
-def light_samples(records: list[dict[str, Any]]) -> list[Sample]:
-    """The test set without pixels (``Replay`` ignores images): labels, masks and categories for evaluate."""
-    dummy = torch.zeros(3, 1, 1)
-    return [Sample(dummy, r["mask"].float(), r["label"], r["category"], r["defect_type"], r["path"],
-                   r["has_mask"]) for r in records]
 
 
 def image_aurocs(scores: torch.Tensor, labels: np.ndarray, categories: np.ndarray) -> tuple[float, float]:
@@ -128,38 +106,47 @@ def throughput(detector: Any, images: torch.Tensor) -> float:
     return images.shape[0] / (time.perf_counter() - started)
 
 
+def calibrate_cached(detector: Any, features: torch.Tensor) -> Calibration:
+    """``detector.calibrate`` on cached features of the held-out normal training images."""
+    scores = detector.score_cached(features).image_scores
+    source = f"held out from training: {len(scores)} images ({detector.calibration_fraction:g}), never trained on"
+    detector.calibration_ = Calibration.from_normal_scores(scores, detector.target_far, source)
+    return detector.calibration_
+
+
 def run_uniad(name: str, params: dict[str, Any], cache: dict[str, Any], idx: dict[str, list[int]],
               args: argparse.Namespace, curve: bool) -> dict[str, Any]:
-    labels = np.array([r["label"] for r in cache["samples"]])
-    categories = np.array([r["category"] for r in cache["samples"]])
+    labels = np.array([s.label for s in cache["samples"]])
+    categories = np.array([s.category for s in cache["samples"]])
     detector = create_detector("uniad", **params)
     points: list[dict[str, float]] = []
     spent = [0.0]
 
     def follow(epoch: int, loss: float) -> None:
-        if (epoch + 1) % args.curve_every and epoch + 1 != detector.resolved("epochs"):
+        if (epoch + 1) % args.curve_every and epoch + 1 != detector.resolved_.epochs:
             return
         t0 = time.perf_counter()
-        mean, mixed = image_aurocs(detector.score_features(cache["test"]).image_scores, labels, categories)
+        mean, mixed = image_aurocs(detector.score_cached(cache["test"]).image_scores, labels, categories)
         points.append(dict(epoch=epoch + 1, loss=loss, auroc_mean=mean, auroc_mixed=mixed))
         spent[0] += time.perf_counter() - t0
         print(f"  [{name}] epoch {epoch + 1}: loss {loss:.4f}, image AUROC mean {mean:.3f} mixed {mixed:.3f}",
               flush=True)
 
     started = time.perf_counter()
-    detector.fit_features(cache["train"][idx["train"]], cache["train"][idx["holdout"]],
-                          epoch_callback=follow if curve else None)
+    detector.fit_features(cache["train"][idx["train"]], epoch_callback=follow if curve else None)
+    calibrate_cached(detector, cache["train"][idx["holdout"]])
     train_seconds = time.perf_counter() - started - spent[0]
     return finish(name, detector, cache, train_seconds, points), detector
 
 
 def finish(name: str, detector: Any, cache: dict[str, Any], train_seconds: float,
            points: list[dict[str, float]]) -> dict[str, Any]:
-    samples = light_samples(cache["samples"])
-    report = evaluate(Replay(detector, detector.score_features(cache["test"])), samples, progress=False)
+    samples = cache["samples"]
+    scored = scored_set(samples, detector.score_cached(cache["test"]))
+    report = report_from_scores(scored, detector.calibration_, describe_detector(detector))
     cats = sorted({s.category for s in samples})
     result = dict(name=name, params=detector.get_params(), resolved=detector.resolved_params(),
-                  epochs=detector.resolved("epochs"), final_loss=detector.history_[-1],
+                  epochs=detector.resolved_.epochs, final_loss=detector.loss_history_[-1],
                   train_seconds=train_seconds, fit_seconds=train_seconds + cache["train_extract_seconds"],
                   images_per_second=throughput(detector, cache["sample_images"]), metrics=row_of(report.rows, cats),
                   curve=points)
@@ -227,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         first = first or (result, detector)
     if first is not None:  # the same model under the protocol's post-processing (sigma 4, top 1%)
         result, detector = first
-        detector.sigma, detector.image_pooling = 4.0, "top1"
-        detector.calibrate_features(cache["train"][idx["holdout"]])
+        detector.set_params(sigma=4.0, image_pooling="top1")
+        detector.resolved_ = as_namespace(detector.resolved_params())  # scoring reads the values resolved at fit
+        calibrate_cached(detector, cache["train"][idx["holdout"]])
         results.insert(1, finish(result["name"] + " (protocol scoring)", detector, cache, result["train_seconds"],
                                  []))
 
@@ -256,10 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{100 * value:.1f}"
-
-
 def write_report(args, argv, train, test, cache, results, patchcore, paper, wall_seconds) -> None:
     cats = sorted(train.categories)
     keys = [f"I-AUROC {c}" for c in cats] + ["I-AUROC mean", "I-AUROC mixed", "I-AP mean", "P-AUROC mean",
@@ -283,12 +267,12 @@ def write_report(args, argv, train, test, cache, results, patchcore, paper, wall
     for r in results:
         m = r["metrics"]
         lines.append(f"| {r['name']} | {r['epochs']} | {r['final_loss']:.4f} | "
-                     + " | ".join(_fmt(m[k]) for k in keys)
+                     + " | ".join(pct(m[k]) for k in keys)
                      + f" | {r['fit_seconds']:.0f} | {r['images_per_second']:.1f} |")
     if patchcore:
         m, p = patchcore["metrics"], patchcore["params"]
         label = f"PatchCore (coreset {p.get('coreset_ratio')}, candidates {p.get('coreset_candidates')})"
-        lines.append(f"| {label} | - | - | " + " | ".join(_fmt(m[k]) for k in keys)
+        lines.append(f"| {label} | - | - | " + " | ".join(pct(m[k]) for k in keys)
                      + f" | {patchcore['fit_seconds']:.0f} | {patchcore['images_per_second']:.1f} |")
     if results:
         lines += ["", f"CPU preset (resolved): `{json.dumps(results[0]['resolved'])}`"]

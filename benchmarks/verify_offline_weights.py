@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from common import DEFAULT_DATA
 from PIL import Image
 from timm.data import ImageNetInfo
 
 from omniad.backbone import Backbone
 from omniad.weights import OFFLINE_SOURCES, WeightsUnavailableError, offline_state_dict
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def load_image(path_or_array, size: int) -> torch.Tensor:
@@ -49,9 +47,9 @@ def test_images() -> dict[str, object]:
         "china.jpg (sklearn)": load_sample_image("china.jpg"),
         "flower.jpg (sklearn)": load_sample_image("flower.jpg"),
     }
-    found = sorted((SHARED / "data" / "industrial").glob("*/test/*/*.jpg"))
+    found = sorted(DEFAULT_DATA.glob("*/test/*/*.jpg"))
     if found:
-        images[f"{found[0].relative_to(SHARED)}"] = found[0]
+        images[f"{found[0].relative_to(DEFAULT_DATA.parents[1])}"] = found[0]
     return images
 
 
