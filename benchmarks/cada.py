@@ -217,10 +217,7 @@ def run_base(name: str, set_name: str, train: ImageCache, train_cats: list[str],
     t = time.perf_counter()
     cada.fit_features(data)
     sigma = CADA(base=base, target="u_sigma", **head).fit_features(data)
-    # A trains nothing, so iterations is unused; it is given because the core refuses iterations=None (the
-    # default) before deriving the paper's value
-    aware_a = ClassAwareA(base=base, iterations=args.cada_iterations, calibration_fraction=0.0, **common)
-    aware_a.fit_features(data, categories=fit_cats)
+    aware_a = ClassAwareA(base=base, calibration_fraction=0.0, **common).fit_features(data, categories=fit_cats)
     aware_b = ClassAwareB(base=base, iterations=args.cada_iterations, calibration_fraction=0.0, **common)
     aware_b.fit_features(data, categories=fit_cats)
     times["heads (3 x SGD)"] = time.perf_counter() - t

@@ -36,7 +36,6 @@ from omniad.calibration import Calibration
 from omniad.data import MVTecDataset
 from omniad.data.sources import iterate_samples, split_holdout
 from omniad.metrics import describe_detector, evaluate, image_auroc, report_from_scores
-from omniad.params import as_namespace
 from omniad.types import Sample
 
 NO_MASK = (False, False, False)
@@ -214,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         first = first or (result, detector)
     if first is not None:  # the same model under the protocol's post-processing (sigma 4, top 1%)
         result, detector = first
-        detector.set_params(sigma=4.0, image_pooling="top1")
-        detector.resolved_ = as_namespace(detector.resolved_params())  # scoring reads the values resolved at fit
+        detector.set_params(sigma=4.0, image_pooling="top1")  # takes effect at once; drops the calibration
         calibrate_cached(detector, cache["train"][idx["holdout"]])
         results.insert(1, finish(result["name"] + " (protocol scoring)", detector, cache, result["train_seconds"],
                                  []))
