@@ -192,10 +192,24 @@ BREAKAGES = {
         lambda b: _edit_config(b, meta={"calibration": {**_config(b)["meta"]["calibration"], "threshold": -5.0}}),
         "does not follow from its normal scores",
     ),
+    "index out of range": (
+        lambda b: _edit_tensor(b, "net.channel_index", lambda t: t + 10_000, model="padim"),
+        "cannot score an image",
+    ),
+    "NaN weights": (
+        lambda b: _edit_tensor(b, "net.mean", lambda t: t * float("nan"), model="padim"), "NaN or infinite",
+    ),
     "out-of-range parameter": (lambda b: _edit_config(b, params={"coreset_ratio": 2}), "coreset_ratio must be in"),
     "out-of-range meta": (lambda b: _edit_config(b, meta={"bank_size": -3}), "do not match"),
     "meta not a mapping": (lambda b: _edit_config(b, meta=[1]), "'meta' must be a mapping"),
 }
+
+
+def _edit_tensor(bundle, key, change, model):
+    assert _config(bundle)["method"] == model, "the case needs that model's bundle"
+    tensors = load_file(str(bundle / "weights.safetensors"))
+    tensors[key] = change(tensors[key])
+    save_file(tensors, str(bundle / "weights.safetensors"))
 
 
 def _config(bundle):
@@ -203,8 +217,10 @@ def _config(bundle):
 
 
 @pytest.mark.parametrize("case", list(BREAKAGES))
-def test_broken_bundles_raise_bundle_error_naming_the_path(case, bundle):
+def test_broken_bundles_raise_bundle_error_naming_the_path(case, bundle, fitted):
     breaker, match = BREAKAGES[case]
+    if "padim" in case or case in ("index out of range", "NaN weights"):
+        fitted["padim"].save(bundle)
     breaker(bundle)
     with pytest.raises(BundleError, match=match) as info:
         load_detector(bundle)

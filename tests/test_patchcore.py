@@ -126,3 +126,21 @@ def test_defect_scores_higher_than_normals(normals):
     assert bad.image_scores.min() > good.image_scores.max()
     assert bad.anomaly_maps.shape == (4, SIZE, SIZE)
     # (no localisation check: random-init stage features spread a defect over the whole 32 px image)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"coreset_ratio": 0}, r"coreset_ratio must be in \(0, 1\], got 0"),
+        ({"coreset_ratio": 2}, r"coreset_ratio must be in \(0, 1\], got 2"),
+        ({"max_bank_size": 0}, "max_bank_size must be in"),
+        ({"stages": ()}, "stages must not be empty"),
+        ({"image_pooling": "mean"}, "image_pooling must be one of"),
+        ({"sigma": -1}, "sigma must be in"),
+    ],
+)
+def test_out_of_range_parameters_are_refused_before_any_work(params, match):
+    detector = create_detector("patchcore", weights="random", device="cpu", progress=False, **params)
+    with pytest.raises(ValueError, match=match):
+        detector.fit(torch.rand(2, 3, 32, 32))
+    assert not hasattr(detector, "backbone_")  # refused before the backbone was even built

@@ -445,6 +445,17 @@ class BaseDetector:
         extra = sorted(set(tensors) - expected)
         if extra:
             raise KeyError(f"tensors the model does not have: {', '.join(extra[:3])}")
+        self._check_scores_one_image()
+
+    def _check_scores_one_image(self) -> None:
+        """Score one grey image, so that tampered weights (indices out of range, NaN) fail at load, not later."""
+        probe = torch.full((1, 3, self.image_size, self.image_size), 0.5)
+        try:
+            result = self.score(probe)
+        except (RuntimeError, IndexError, ValueError) as err:
+            raise RuntimeError(f"the loaded model cannot score an image: {err}") from None
+        if not (torch.isfinite(result.image_scores).all() and torch.isfinite(result.anomaly_maps).all()):
+            raise RuntimeError("the loaded model gives NaN or infinite scores: its weights are corrupt")
 
     def fitted_meta(self) -> dict[str, Any]:
         """Everything besides tensors that a saved bundle carries."""
