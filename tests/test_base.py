@@ -242,3 +242,16 @@ def test_post_processing_changes_on_a_fitted_detector_take_effect_and_drop_the_c
     assert det.calibration_ is None  # the old threshold does not fit the new scores
     det.set_params(offset=5.0)  # a training parameter: only at the next fit
     torch.testing.assert_close(det.score(x).image_scores, after.image_scores)
+
+
+def test_extract_computes_features_once_per_image_in_order_on_the_cpu(spy):
+    images = _constant_images(7)
+    det = _make(spy, batch_size=3)
+    seen = []
+    original = det.features
+    det.features = lambda batch: seen.append(batch.shape[0]) or original(batch)
+    cache = det.extract(images)
+    assert seen == [3, 3, 1] and cache.device.type == "cpu" and cache.dtype == torch.float32
+    torch.testing.assert_close(cache, images)  # the spy's features are the images, in order
+    with pytest.raises(ValueError, match="no images"):
+        det.extract([])

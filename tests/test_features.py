@@ -1,4 +1,4 @@
-"""The feature cache: one backbone pass per image, batch order kept, transforms and dtype applied."""
+"""Stage fusion and the feature containers the base caches (a tensor or a list of tensors)."""
 
 from __future__ import annotations
 
@@ -6,45 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from omniad.features import extract_features, fuse_stages
-
-
-class _CountingBackbone(nn.Module):
-    """Two 'stages': the image mean over channels at full and half resolution; counts images seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = 0
-
-    def forward(self, images):
-        self.seen += images.shape[0]
-        full = images.mean(1, keepdim=True)
-        return [full, nn.functional.avg_pool2d(full, 2)]
-
-
-def test_extract_features_runs_once_per_image_in_order():
-    images = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    backbone = _CountingBackbone()
-    full, half = extract_features(backbone, images, torch.device("cpu"), batch_size=3)
-    assert backbone.seen == 7
-    assert full.shape == (7, 1, 8, 8) and half.shape == (7, 1, 4, 4)
-    torch.testing.assert_close(full, images.mean(1, keepdim=True))
-
-
-def test_extract_features_transform_and_dtype():
-    images = torch.rand(5, 3, 8, 8)
-    (fused,) = extract_features(
-        _CountingBackbone(), list(images), torch.device("cpu"), batch_size=2,
-        transform=lambda feats: fuse_stages(feats), dtype=torch.float16,
-    )
-    assert fused.shape == (5, 2, 8, 8) and fused.dtype == torch.float16 and fused.device.type == "cpu"
-    pair = extract_features(_CountingBackbone(), images, torch.device("cpu"), transform=lambda f: (f[1], f[1] * 2))
-    torch.testing.assert_close(pair[1], 2 * pair[0])
-
-
-def test_extract_features_rejects_empty_data():
-    with pytest.raises(ValueError, match="no images"):
-        extract_features(_CountingBackbone(), [], torch.device("cpu"))
+from omniad.features import feature_cat, feature_count, feature_slice, feature_to, fuse_stages
 
 
 def test_fuse_stages_resizes_to_first_stage_and_concatenates():
@@ -60,3 +22,16 @@ def test_fuse_stages_resizes_to_first_stage_and_concatenates():
     assert pooled.shape == (2, 9, 4, 4)
     torch.testing.assert_close(pooled[:, :4], nn.functional.avg_pool2d(a, 2))
     assert torch.equal(pooled[:, 4:], b)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_feature_containers_slice_move_and_join_alike(as_list):
+    a, b = torch.rand(5, 2, 4, 4), torch.rand(5, 3, 2, 2)
+    features = [a, b] if as_list else a
+    assert feature_count(features) == 5
+    parts = [feature_slice(features, 0, 2), feature_slice(features, 2, 5)]
+    joined = feature_cat(parts)
+    for got, want in zip(joined if as_list else [joined], features if as_list else [features]):
+        assert torch.equal(got, want)
+    half = feature_to(features, "cpu", torch.float16)
+    assert (half[0] if as_list else half).dtype == torch.float16

@@ -1,53 +1,12 @@
-"""Run a frozen backbone once over a dataset and keep what it computes, so that training loops over the cache
-instead of re-running the backbone every epoch (what makes training practical on a CPU)."""
+"""Feature helpers: stage fusion, and the containers ``BaseDetector.extract`` caches (a tensor or a list of
+tensors per image set: the frozen backbone runs once per training image and training loops over the cache)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from omniad.data.sources import iterate_batches
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: torch.nn.Module,
-    data: Any,
-    device: torch.device,
-    batch_size: int = 16,
-    transform: Callable[[list[Tensor]], Tensor | Sequence[Tensor]] | None = None,
-    progress: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> list[Tensor]:
-    """Backbone features of every image, on the CPU.
-
-    Args:
-        backbone: frozen module mapping (B, 3, H, W) images to a list of stage maps.
-        data: any image source accepted by ``iterate_batches``.
-        device: where the backbone runs.
-        batch_size: images per forward pass.
-        transform: optional per-batch reduction of the stage list (e.g. resize-and-concatenate to one map) so
-            that only what the method needs is kept in memory.
-        progress: show a progress bar.
-        dtype: storage dtype of the cache (float16 halves memory for large sets).
-
-    Returns:
-        One tensor per output of ``transform`` (or per stage), each (N, ...).
-    """
-    backbone = backbone.to(device).eval()
-    chunks: list[list[Tensor]] = []
-    for images in iterate_batches(data, batch_size, progress, "backbone features"):
-        feats = backbone(images.to(device))
-        out = transform(feats) if transform is not None else feats
-        if isinstance(out, Tensor):
-            out = [out]
-        chunks.append([o.to("cpu", dtype) for o in out])
-    if not chunks:
-        raise ValueError("no images to extract features from")
-    return [torch.cat(parts) for parts in zip(*chunks)]
 
 
 def fuse_stages(features: Sequence[Tensor], size: tuple[int, int] | None = None, mode: str = "bilinear") -> Tensor:

@@ -95,6 +95,12 @@ class DistillationDetector(BaseDetector):
         values["decoder_blocks"] = blocks
         return values
 
+    def decoder_settings(self) -> dict[str, Any]:
+        """The bottleneck's and decoder's resolved settings, as both networks take them."""
+        r = self.resolved_
+        return dict(embed_channels=r.embed_channels, bottleneck_blocks=r.bottleneck_blocks,
+                    decoder_blocks=r.decoder_blocks, width_ratio=r.width_ratio, decoder_activation=r.decoder_activation)
+
     def map_size(self, stage_maps: Sequence) -> tuple[int, int]:
         """The input size the encoder's maps came from (the raw map is made at that size, as RD does)."""
         stride = self.backbone_.strides[0]

@@ -141,16 +141,7 @@ class Recontrast(DistillationDetector):
         encoder = copy.deepcopy(self.backbone_)
         encoder.requires_grad_(True)
         freeze_leading_stages(encoder, r.encoder_frozen_stages)
-        return RecontrastNet(
-            encoder,
-            self.backbone_.channels,
-            self.backbone_.strides,
-            embed_channels=r.embed_channels,
-            bottleneck_blocks=r.bottleneck_blocks,
-            decoder_blocks=r.decoder_blocks,
-            width_ratio=r.width_ratio,
-            decoder_activation=r.decoder_activation,
-        )
+        return RecontrastNet(encoder, self.backbone_.channels, self.backbone_.strides, **self.decoder_settings())
 
     def features(self, images: Tensor) -> list[Tensor]:
         """The images themselves (the trainable encoder reads them) and the frozen encoder's maps."""

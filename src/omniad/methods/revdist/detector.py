@@ -65,16 +65,7 @@ class RevDist(DistillationDetector):
     test_min_auroc = 0.55
 
     def _make_net(self) -> RevDistNet:
-        r = self.resolved_
-        return RevDistNet(
-            self.backbone_.channels,
-            self.backbone_.strides,
-            embed_channels=r.embed_channels,
-            bottleneck_blocks=r.bottleneck_blocks,
-            decoder_blocks=r.decoder_blocks,
-            width_ratio=r.width_ratio,
-            decoder_activation=r.decoder_activation,
-        )
+        return RevDistNet(self.backbone_.channels, self.backbone_.strides, **self.decoder_settings())
 
     def train_features(self, features: list[Tensor]) -> None:
         r = self.resolved_
