@@ -229,7 +229,7 @@ def report_from_scores(scored: ScoredSet, calibration: Any = None, detector_meta
         "notes": notes,
     })
     return Report(rows, meta, scored.scores, scored.labels, list(scored.categories), list(scored.defect_types),
-                  list(scored.paths))
+                  list(scored.paths), flagged)
 
 
 def _contiguous(index: np.ndarray) -> slice | np.ndarray:

@@ -86,6 +86,7 @@ class Report:
         categories: category of each image.
         defect_types: defect type of each image ("good" for normals).
         paths: file of each image ("" for in-memory images).
+        flagged: (N,) the calibrated decision of each image (None without a calibrated threshold).
     """
 
     rows: dict[str, dict[str, Any]]
@@ -95,17 +96,18 @@ class Report:
     categories: list[str] = field(default_factory=list)
     defect_types: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    flagged: np.ndarray | None = None
 
     @property
     def category_names(self) -> list[str]:
         """Names of the per-category rows."""
         return [name for name in self.rows if name not in AGGREGATE_ROWS]
 
-    def decisions(self, threshold: float | None = None) -> np.ndarray:
-        """Boolean decisions ``score > threshold`` per image (default: the report's calibrated threshold)."""
-        thr = self.meta.get("threshold") if threshold is None else threshold
-        thr = float("nan") if thr is None else float(thr)
-        return self.scores > thr
+    def decisions(self) -> np.ndarray:
+        """The calibrated decision of every image (made by the detector's ``Calibration.decide``)."""
+        if self.flagged is None:
+            raise ValueError("this report has no decisions: the detector had no calibrated threshold")
+        return self.flagged
 
     def to_dict(self, include_scores: bool = False) -> dict[str, Any]:
         """Rows and meta as JSON-able values (nan -> None); per-image data only when ``include_scores``."""
