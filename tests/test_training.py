@@ -19,16 +19,16 @@ def test_train_steps_the_optimiser_and_schedule_and_leaves_eval_mode_even_when_i
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
-    def loss_of_batch(step, index):
-        assert net.training
-        return net(x[index]).pow(2).mean()
+    def loss_of_batch(step, index, model):
+        assert net.training and model is net  # one process: no wrapper
+        return model(x[index]).pow(2).mean()
 
     history = train(net, optimizer, [torch.arange(8)] * 4, loss_of_batch, total=4, desc="test", scheduler=scheduler)
     assert len(history) == 4 and history[-1] < history[0]
     assert not net.training
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
 
-    def failing(step, index):
+    def failing(step, index, model):
         if step == 1:
             raise KeyboardInterrupt
         return net(x[index]).pow(2).mean()
@@ -43,7 +43,7 @@ def test_a_non_finite_loss_stops_training_before_the_step_is_taken():
     before = [p.detach().clone() for p in net.parameters()]
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(FloatingPointError, match="test: the loss became nan at step 0"):
-        train(net, optimizer, [torch.arange(4)], lambda s, i: net(x[i]).sum() * float("nan"), total=1, desc="test")
+        train(net, optimizer, [torch.arange(4)], lambda s, i, m: m(x[i]).sum() * float("nan"), total=1, desc="test")
     for p, q in zip(net.parameters(), before):
         torch.testing.assert_close(p, q)
 
@@ -52,7 +52,7 @@ def test_gradient_clipping_bounds_the_update():
     net, x = _problem()
     start = [p.detach().clone() for p in net.parameters()]
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
-    train(net, optimizer, [torch.arange(8)], lambda s, i: 1e3 * net(x[i]).pow(2).mean(), total=1, desc="t",
+    train(net, optimizer, [torch.arange(8)], lambda s, i, m: 1e3 * m(x[i]).pow(2).mean(), total=1, desc="t",
           grad_clip=0.1)
     moved = torch.cat([(p - q).flatten() for p, q in zip(net.parameters(), start)])
     assert moved.norm().item() == pytest.approx(0.1, rel=1e-4)  # lr 1 x a gradient clipped to norm 0.1
@@ -69,7 +69,7 @@ def test_epoch_callback_sees_the_weighted_epoch_mean_in_eval_mode():
 
     batches = list(epoch_batches(5, 2, 3, torch.Generator().manual_seed(0)))
     assert [len(b) for b in batches] == [2, 2, 1] * 3
-    history = train(net, optimizer, batches, lambda s, i: net(x[i]).pow(2).mean(), total=9, desc="t",
+    history = train(net, optimizer, batches, lambda s, i, m: m(x[i]).pow(2).mean(), total=9, desc="t",
                     steps_per_epoch=3, on_epoch=on_epoch)
     means = epoch_means(history, [len(b) for b in batches], 3)
     assert [e for e, _ in seen] == [0, 1, 2]

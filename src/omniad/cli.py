@@ -290,12 +290,21 @@ def _method_from_argv(argv: list[str]) -> tuple[str | None, str | None]:
     return command, known.method
 
 
+def _join_processes(args: argparse.Namespace) -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group; only rank 0 prints results."""
+    from omniad.distributed import init_from_env, is_main
+
+    if init_from_env(getattr(args, "device", None) or "auto") and not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (every rank computes the same; one reports it)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         command, method = _method_from_argv(argv)
         parser, names = build_parser(command, method)
         args = parser.parse_args(argv)
+        _join_processes(args)
         started = time.perf_counter()
         if args.command == "fit":
             code = cmd_fit(args, names)

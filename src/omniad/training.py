@@ -3,7 +3,10 @@
 A method hands it its net, optimiser, an iterable of batches (usually index tensors into a feature cache) and a
 function that turns a batch into a loss; the loop does the rest the same way for everyone: progress, gradient
 clipping, a per-step schedule, a loss history, an error on a non-finite loss, an optional per-epoch callback,
-and the net back in eval mode afterwards, even when interrupted.
+and the net back in eval mode afterwards, even when interrupted. Under torch.distributed (``omniad.distributed``)
+the net is wrapped in DistributedDataParallel and each rank trains on its strided share of every batch (the
+same global batches on every rank, as a distributed sampler of them), so gradients are averaged over the whole
+batch as in one process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from omniad.distributed import is_main, mean_over_ranks, world
 
 
 def batch_indices(n: int, batch_size: int, iterations: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -58,7 +64,7 @@ def train(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Any],
-    loss_of_batch: Callable[[int, Any], Tensor],
+    loss_of_batch: Callable[[int, Any, nn.Module], Tensor],
     *,
     total: int,
     desc: str,
@@ -74,7 +80,9 @@ def train(
         net: the module being trained (in training mode during the loop, in eval mode after it).
         optimizer: its optimiser.
         batches: what each step trains on (``loss_of_batch`` reads it); ``len(batch)`` weights the epoch mean.
-        loss_of_batch: ``(step, batch) -> loss``.
+            Under torch.distributed each batch must be a tensor of at least as many items as processes.
+        loss_of_batch: ``(step, batch, model) -> loss``; it must run the forward pass through ``model`` (``net``,
+            or its DistributedDataParallel wrapper), not through ``net`` directly.
         total: number of steps, for the progress bar.
         desc: name of the loop, for the progress bar and errors.
         progress: show a progress bar.
@@ -91,13 +99,19 @@ def train(
         FloatingPointError: a loss became NaN or infinite (the step that produced it is not taken).
     """
     history: list[float] = []
-    bar = progress_bar(total, progress, desc)
+    bar = progress_bar(total, progress and is_main(), desc)
     epoch_sum, epoch_count, epoch = 0.0, 0, 0
+    rank, size = world()
     net.train()
+    model = net if size == 1 else DistributedDataParallel(net)
     try:
         for step, batch in enumerate(batches):
-            loss = loss_of_batch(step, batch)
-            value = loss.item()
+            if size > 1:
+                if len(batch) < size:
+                    raise ValueError(f"{desc}: a batch of {len(batch)} cannot be shared by {size} processes")
+                batch = batch[rank::size]
+            loss = loss_of_batch(step, batch, model)
+            value = loss.item() if size == 1 else mean_over_ranks(loss.item())
             if not math.isfinite(value):
                 raise FloatingPointError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -111,8 +125,8 @@ def train(
             bar.update()
             bar.set_postfix(loss=f"{value:.4g}")
             if on_epoch is not None and steps_per_epoch:
-                size = len(batch) if hasattr(batch, "__len__") else 1
-                epoch_sum, epoch_count = epoch_sum + value * size, epoch_count + size
+                items = (len(batch) if hasattr(batch, "__len__") else 1) * size
+                epoch_sum, epoch_count = epoch_sum + value * items, epoch_count + items
                 if (step + 1) % steps_per_epoch == 0:
                     net.eval()
                     with torch.no_grad():

@@ -167,8 +167,8 @@ class ClassAwareB(_ClassAwareAlignment):
         optimizer = torch.optim.SGD(self.classifier_.parameters(), lr=r.lr, momentum=r.momentum,
                                     weight_decay=r.weight_decay)
 
-        def loss_of_batch(step: int, idx: Tensor) -> Tensor:
-            logits = self.classifier_.forward_normalised(features[idx].to(self.device_))
+        def loss_of_batch(step: int, idx: Tensor, model: torch.nn.Module) -> Tensor:
+            logits = model(features[idx].to(self.device_), normalised=True)
             return F.cross_entropy(logits, labels[idx].to(self.device_))
 
         self.loss_history_ = train(

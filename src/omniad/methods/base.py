@@ -20,10 +20,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from omniad.backbone import Backbone
 from omniad.calibration import Calibration
 from omniad.data.sources import as_image_dataset, iterate_batches, split_holdout
+from omniad.distributed import gather_shards, is_main, shard, world
 from omniad.features import Features, feature_cat, feature_count, feature_slice, feature_to
 from omniad.params import (
     FRACTION,
@@ -61,7 +63,7 @@ class FeatureStream:
 
     def __iter__(self) -> Iterator[Features]:
         d = self.detector
-        for batch in iterate_batches(self.images, d.batch_size, d.progress, self.desc):
+        for batch in iterate_batches(self.images, d.batch_size, d.progress and is_main(), self.desc):
             yield d.features(batch.to(d.device_))
 
 
@@ -259,16 +261,23 @@ class BaseDetector:
             seed_everything(self.seed)
             self.prepare()
         images = as_image_dataset(data, self.image_size)
+        if len(images) == 0:
+            raise ValueError("no images to extract features from")
+        # several processes: each extracts a strided shard (a FeatureStream streams its shard)
+        local = images if world()[1] == 1 else Subset(images, shard(len(images)))
         if not self.cache_features:
-            return FeatureStream(self, images, "backbone features")
+            return FeatureStream(self, local, "backbone features")
         with torch.no_grad():
             parts = [
                 feature_to(self.features(batch.to(self.device_)), "cpu", torch.float32)
-                for batch in iterate_batches(images, self.batch_size, self.progress, "backbone features")
+                for batch in iterate_batches(local, self.batch_size, self.progress and is_main(), "backbone features")
             ]
-        if not parts:
-            raise ValueError("no images to extract features from")
-        return feature_cat(parts)
+        cache = feature_cat(parts)
+        if world()[1] == 1:
+            return cache
+        if isinstance(cache, Tensor):  # every rank gets the whole cache, in the original order
+            return gather_shards(cache, len(images))
+        return [gather_shards(part, len(images)) for part in cache]
 
     def fit_features(self, features: Features | FeatureStream, **options: Any) -> BaseDetector:
         """Train on features from ``extract`` (seeded here, so the model is the same however they were made)."""
@@ -407,10 +416,12 @@ class BaseDetector:
         return modules
 
     def save(self, path: str) -> None:
-        """Write the fitted model to the folder ``path`` atomically (config.json + weights.safetensors)."""
+        """Write the fitted model to the folder ``path`` atomically (config.json + weights.safetensors); under
+        torch.distributed only rank 0 writes (every rank holds the same model)."""
         from omniad.io import save_detector
 
-        save_detector(self, path)
+        if is_main():
+            save_detector(self, path)
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Every learned tensor, keyed ``<module>.<param>``."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
+from omniad.distributed import sum_over_ranks
 from omniad.features import fuse_stages
 from omniad.methods.base import BaseDetector
 from omniad.params import POSITIVE_INT, Each, Interval
@@ -102,6 +103,9 @@ class PaDiM(BaseDetector):
             outer = torch.einsum("bpc,bpd->pcd", emb, emb)
             sum_xx = outer if sum_xx is None else sum_xx + outer
             count += emb.shape[0]
+        # several processes: each summed its shard of the images; the Gaussians need the sums of all of them
+        sum_x, sum_xx = sum_over_ranks(sum_x), sum_over_ranks(sum_xx)
+        count = int(sum_over_ranks(torch.tensor([count]))[0])
         d = sum_x.shape[-1]
         mean = sum_x / count
         cov = (sum_xx - count * torch.einsum("pc,pd->pcd", mean, mean)) / max(count - 1, 1)

@@ -228,8 +228,8 @@ class CADA(BaseDetector):
         mean, scale = t_mean.to(self.device_), t_scale.to(self.device_)
         features, targets = data.features, targets
 
-        def loss_of_batch(step: int, index: Tensor) -> Tensor:
-            out = self.regressor_.forward_normalised(features[index].to(self.device_)) * scale + mean
+        def loss_of_batch(step: int, index: Tensor, model: nn.Module) -> Tensor:
+            out = model(features[index].to(self.device_), normalised=True) * scale + mean
             target = targets[index].to(self.device_)
             u_hat, g_hat = out[:, 0], out[:, 0] + out[:, 1]
             return F.smooth_l1_loss(u_hat / u_scale, target[:, 0] / u_scale, beta=beta_u) + F.smooth_l1_loss(

@@ -67,9 +67,12 @@ class CADARegressor(nn.Module):
         x = self.pool(self.act(self.conv(x))).flatten(1)
         return self.head(x)
 
-    def forward(self, features: Tensor) -> Tensor:
-        """(B, C, h, w) raw features -> (B, n_outputs) in the targets' own units."""
-        return self.forward_normalised(features) * self.target_scale + self.target_mean
+    def forward(self, features: Tensor, normalised: bool = False) -> Tensor:
+        """(B, C, h, w) raw features -> (B, n_outputs) in the targets' own units (``normalised``: in standardised
+        target units, what the loss sees; a keyword so that training runs through ``forward``, as
+        DistributedDataParallel needs)."""
+        out = self.forward_normalised(features)
+        return out if normalised else out * self.target_scale + self.target_mean
 
 
 def channel_statistics(features: Tensor, floor: float = 0.1) -> tuple[Tensor, Tensor]:

@@ -281,11 +281,11 @@ class PMAD(BaseDetector):
         generator = torch.Generator().manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
 
-        def loss_of_batch(step: int, idx: Tensor) -> Tensor:
+        def loss_of_batch(step: int, idx: Tensor, model: nn.Module) -> Tensor:
             images = None if pixels is None else pixels[idx].to(self.device_)
             x = self._inputs(images, patch_feats[idx].to(self.device_))
             mask = training_mask(len(idx), self.grid, r.train_mask_ratio, r.train_masking, rng).to(self.device_)
-            logits = self.net_(x, mask)
+            logits = model(x, mask)
             return F.cross_entropy(logits[mask], tokens[idx].to(self.device_)[mask])
 
         history = train(

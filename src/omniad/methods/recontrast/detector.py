@@ -162,10 +162,10 @@ class Recontrast(DistillationDetector):
         )
         generator = torch.Generator().manual_seed(self.seed)
 
-        def loss_of_batch(step: int, index: Tensor) -> Tensor:
+        def loss_of_batch(step: int, index: Tensor, model: nn.Module) -> Tensor:
             alpha = hard_mining_alpha(step, r.iterations, r.hm_alpha_start, r.hm_alpha_end, r.hm_warmup)
             images, *frozen = (f[index].to(self.device_, torch.float32) for f in features)
-            targets, recons = self.net_(images, frozen)
+            targets, recons = model(images, frozen)
             return recontrast_loss(targets, recons, alpha, r.hm_factor)
 
         batches = batch_indices(features[0].shape[0], r.train_batch_size, r.iterations, generator)

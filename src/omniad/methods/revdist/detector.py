@@ -73,9 +73,9 @@ class RevDist(DistillationDetector):
         optimizer = torch.optim.AdamW(self.net_.parameters(), lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
 
-        def loss_of_batch(step: int, index: Tensor) -> Tensor:
+        def loss_of_batch(step: int, index: Tensor, model: nn.Module) -> Tensor:
             targets = [f[index].to(self.device_, torch.float32) for f in features]
-            return revdist_loss(targets, self.net_(targets))
+            return revdist_loss(targets, model(targets))
 
         batches = batch_indices(features[0].shape[0], r.train_batch_size, r.iterations, generator)
         self.loss_history_: list[float] = train(

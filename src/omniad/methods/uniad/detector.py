@@ -238,9 +238,9 @@ class UniAD(BaseDetector):
         drop_every = max(1, int(round(r.lr_step_fraction * r.epochs))) * steps_per_epoch  # x0.1 per drop
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 ** (step // drop_every))
 
-        def loss_of_batch(step: int, index: Tensor) -> Tensor:
+        def loss_of_batch(step: int, index: Tensor, model: nn.Module) -> Tensor:
             target = features[index].to(self.device_, torch.float32)
-            return F.mse_loss(net(target), target)
+            return F.mse_loss(model(target), target)
 
         def on_epoch(epoch: int, mean_loss: float) -> None:
             if epoch_callback is not None:
