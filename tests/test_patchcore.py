@@ -144,3 +144,32 @@ def test_out_of_range_parameters_are_refused_before_any_work(params, match):
     with pytest.raises(ValueError, match=match):
         detector.fit(torch.rand(2, 3, 32, 32))
     assert not hasattr(detector, "backbone_")  # refused before the backbone was even built
+
+
+def test_reweighted_image_score_is_the_papers_eq_7_on_a_hand_case():
+    from omniad.methods.patchcore import PatchCoreNet
+
+    net = PatchCoreNet(torch.nn.Identity(), bank_size=3, feature_dim=2)
+    net.memory_bank.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]]))
+    emb = torch.tensor([[0.0, 3.0], [0.0, 0.5]]).T.reshape(1, 2, 1, 2)  # one image, two patches
+    distances, index = net.nearest(emb)
+    assert distances.flatten().tolist() == pytest.approx([3.0, 0.5]) and index.flatten().tolist() == [0, 0]
+    # worst patch (0, 3): nearest bank entry m* = (0, 0); its 2 nearest entries are itself and (1, 0)
+    to_support = torch.tensor([3.0, 10**0.5])
+    expected = (1 - torch.softmax(to_support, 0)[0]) * 3.0
+    got = net.reweighted_scores(emb, distances, index, neighbours=2)
+    assert got.shape == (1,) and float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert float(net.reweighted_scores(emb, distances, index, neighbours=1)) == pytest.approx(0.0)  # 1 - 1
+
+
+def test_reweighted_pooling_keeps_the_map_and_scores_with_eq_7():
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    common = dict(weights="random", image_size=32, device="cpu", progress=False, stages=(1, 2), coreset_ratio=0.5,
+                  calibration_fraction=0.0)
+    plain = create_detector("patchcore", **common).fit(images)
+    paper = create_detector("patchcore", image_pooling="reweighted", **common).fit(images)
+    a, b = plain.score(images[:3]), paper.score(images[:3])
+    torch.testing.assert_close(b.anomaly_maps, a.anomaly_maps)  # the same map: only the image score differs
+    features = paper.features(images[:3])
+    distances, index = paper.net_.nearest(features)
+    torch.testing.assert_close(b.image_scores, paper.net_.reweighted_scores(features, distances, index, 9))

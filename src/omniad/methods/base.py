@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,14 @@ from omniad.types import AnomalyScores
 
 # the hyper-parameters of the score tail: they do not touch training
 POSTPROCESSING = ("sigma", "image_pooling", "top_fraction", "pool_kernel")
+
+
+class RawScores(NamedTuple):
+    """What ``score_features`` returns when the method computes its image scores itself (e.g. PatchCore's
+    re-weighted score): the raw maps still go through the score tail, the image scores are kept as they are."""
+
+    maps: Tensor  # (B, h, w)
+    image_scores: Tensor  # (B,)
 
 
 class NotFittedError(RuntimeError):
@@ -298,15 +306,19 @@ class BaseDetector:
         """The method's training on cached features. Implemented by each method."""
         raise NotImplementedError
 
-    def score_features(self, features: Features) -> Tensor:
-        """(B, h, w) raw anomaly maps of one batch of features on ``device_``. Implemented by each method."""
+    def score_features(self, features: Features) -> Tensor | RawScores:
+        """(B, h, w) raw anomaly maps of one batch of features on ``device_`` (or ``RawScores`` with the method's
+        own image scores). Implemented by each method."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- scoring
-    def postprocess(self, raw_maps: Tensor, size: tuple[int, int]) -> AnomalyScores:
-        """The score tail: up-sample raw maps to ``size``, smooth, pool the image scores."""
+    def postprocess(self, raw: Tensor | RawScores, size: tuple[int, int]) -> AnomalyScores:
+        """The score tail: up-sample raw maps to ``size``, smooth, pool the image scores (unless the method gave
+        them: ``RawScores``)."""
         r = self.resolved_
-        scores, maps = to_scores(raw_maps, size, r.sigma, r.image_pooling, r.top_fraction, r.pool_kernel)
+        if isinstance(raw, RawScores):
+            return AnomalyScores(raw.image_scores, to_scores(raw.maps, size, r.sigma, "max")[1])
+        scores, maps = to_scores(raw, size, r.sigma, r.image_pooling, r.top_fraction, r.pool_kernel)
         return AnomalyScores(scores, maps)
 
     def preprocess(self, images: Any) -> Tensor:

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from omniad.backbone import Backbone
 from omniad.cluster import greedy_coreset, nearest_centres
 from omniad.features import fuse_stages
-from omniad.methods.base import BaseDetector
-from omniad.params import POSITIVE_INT, Each, Interval
+from omniad.methods.base import BaseDetector, RawScores
+from omniad.params import POSITIVE_INT, Each, Interval, Options
+from omniad.postprocess import POOLINGS
 from omniad.registry import register_detector
 
 
@@ -42,9 +43,31 @@ class PatchCoreNet(nn.Module):
 
     def distances(self, emb: Tensor) -> Tensor:
         """(B, C, h, w) patch features -> (B, h, w) nearest-bank distances."""
+        return self.nearest(emb)[0]
+
+    def nearest(self, emb: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, h, w) patch features -> (B, h, w) nearest-bank distances and the bank index of each."""
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        return nearest_centres(queries, self.memory_bank, chunk=4096)[0].view(b, h, w)
+        distances, index = nearest_centres(queries, self.memory_bank, chunk=4096)
+        return distances.view(b, h, w), index.view(b, h, w)
+
+    def reweighted_scores(self, emb: Tensor, distances: Tensor, index: Tensor, neighbours: int) -> Tensor:
+        """PatchCore's image score (paper, Eq. 7): the largest patch distance s* = |m_test* - m*|, scaled by
+        1 - softmax over the distances from m_test* to m* and to the ``neighbours`` - 1 bank entries nearest m*:
+        a patch whose nearest bank entry sits among other close entries (a dense, well-known region) keeps less
+        of its score than one whose bank entry is isolated. (B,) scores."""
+        b, c = emb.shape[:2]
+        flat_d, flat_i = distances.flatten(1), index.flatten(1)
+        worst = flat_d.argmax(1)
+        rows = torch.arange(b, device=emb.device)
+        score, nearest = flat_d[rows, worst], flat_i[rows, worst]
+        query = emb.flatten(2).transpose(1, 2)[rows, worst]  # (B, C) the worst patch's feature
+        anchor = self.memory_bank[nearest]  # m*
+        k = min(neighbours, self.memory_bank.shape[0])
+        support = torch.cdist(anchor, self.memory_bank).topk(k, largest=False).indices  # m* itself first
+        to_support = (query.unsqueeze(1) - self.memory_bank[support]).norm(dim=-1)  # (B, k)
+        return (1 - torch.softmax(to_support, dim=1)[:, 0]) * score
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, h, w) nearest-bank distances."""
@@ -65,7 +88,10 @@ class PatchCore(BaseDetector):
         coreset_candidates: optional cap on the patches the greedy search runs over, drawn at random first
             (a CPU-friendly setting: each greedy step is one pass over the candidates; None = all patches).
         projection_dim: dimension of the random projection the greedy coreset search runs on.
-        **common: see ``BaseDetector`` (PatchCore's defaults: sigma 4, image_pooling "max", the paper's).
+        neighbours: bank entries the "reweighted" image score compares the worst patch with (paper: b = 9).
+        **common: see ``BaseDetector``; ``image_pooling`` may also be "reweighted", the paper's image score
+            (Eq. 7: the largest patch distance, re-weighted by its bank neighbourhood, before up-sampling and
+            smoothing; ``PatchCoreNet.reweighted_scores``). Defaults: sigma 4, image_pooling "max".
     """
 
     test_params: dict[str, Any] = {}
@@ -77,6 +103,8 @@ class PatchCore(BaseDetector):
         "max_bank_size": Interval(1, None, integer=True, allow_none=True),
         "coreset_candidates": Interval(1, None, integer=True, allow_none=True),
         "projection_dim": Interval(0, None, integer=True),
+        "neighbours": POSITIVE_INT,
+        "image_pooling": Options((*POOLINGS, "reweighted")),
     }
 
     def __init__(
@@ -88,6 +116,7 @@ class PatchCore(BaseDetector):
         max_bank_size: int | None = None,
         coreset_candidates: int | None = None,
         projection_dim: int = 128,
+        neighbours: int = 9,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -97,6 +126,7 @@ class PatchCore(BaseDetector):
         self.max_bank_size = max_bank_size
         self.coreset_candidates = coreset_candidates
         self.projection_dim = projection_dim
+        self.neighbours = neighbours
 
     def features(self, images: Tensor) -> Tensor:
         """(B, C, h, w) locally aggregated patch features."""
@@ -117,8 +147,11 @@ class PatchCore(BaseDetector):
         self.net_.memory_bank.copy_(patches[index.cpu()].to(self.device_))
         self.net_.eval()
 
-    def score_features(self, features: Tensor) -> Tensor:
-        return self.net_.distances(features)
+    def score_features(self, features: Tensor) -> Tensor | RawScores:
+        if self.resolved_.image_pooling != "reweighted":
+            return self.net_.distances(features)
+        distances, index = self.net_.nearest(features)
+        return RawScores(distances, self.net_.reweighted_scores(features, distances, index, self.resolved_.neighbours))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net_}
