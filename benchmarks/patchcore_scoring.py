@@ -10,7 +10,8 @@ every image-score definition from the same patch distances:
 - ``reweighted``: the paper's Eq. 7 (``PatchCoreNet.reweighted_scores``, b = 9 neighbours);
 - ``top1``: mean of the top 1% of the smoothed map (the protocol's default).
 
-    python benchmarks/patchcore_scoring.py --categories kolektor magnetic_tile --out benchmarks/results/patchcore-scoring.md
+    python benchmarks/patchcore_scoring.py --categories kolektor magnetic_tile \
+        --out benchmarks/results/patchcore-scoring.md
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import DEFAULT_DATA
+
 from omniad import create_detector
 from omniad.data import MVTecDataset
 from omniad.data.sources import iterate_samples
