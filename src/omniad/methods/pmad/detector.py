@@ -73,7 +73,7 @@ class PMAD(BaseDetector):
         warmup_epochs: linear learning-rate warm-up before the cosine decay (paper: 10).
         lr: AdamW learning rate (paper: 1.5e-3).
         weight_decay: AdamW weight decay.
-        clip_grad: gradient-norm clipping (paper: 3.0; 0 disables).
+        grad_clip: gradient-norm clipping (paper: 3.0; 0 disables).
         num_prototypes: number of nominal prototypes learned on the normal patch features.
         prototype_method: "coreset" (greedy k-center sub-sampling, as the paper's prototypes) or "kmeans".
         prototype_pool: local average window applied to patch features before prototype distances.
@@ -111,7 +111,7 @@ class PMAD(BaseDetector):
         "warmup_epochs": Interval(0, None, integer=True),
         "lr": Interval(0.0, None, low_open=True),
         "weight_decay": Interval(0.0, None),
-        "clip_grad": Interval(0.0, None),
+        "grad_clip": Interval(0.0, None),
         "num_prototypes": POSITIVE_INT,
         "prototype_method": Options(PROTOTYPE_METHODS),
         "prototype_pool": POSITIVE_INT,
@@ -141,7 +141,7 @@ class PMAD(BaseDetector):
         warmup_epochs: int | None = None,
         lr: float | None = None,
         weight_decay: float = 0.05,
-        clip_grad: float = 3.0,
+        grad_clip: float = 3.0,
         num_prototypes: int | None = None,
         prototype_method: str = "coreset",
         prototype_pool: int = 3,
@@ -170,7 +170,7 @@ class PMAD(BaseDetector):
         self.warmup_epochs = warmup_epochs
         self.lr = lr
         self.weight_decay = weight_decay
-        self.clip_grad = clip_grad
+        self.grad_clip = grad_clip
         self.num_prototypes = num_prototypes
         self.prototype_method = prototype_method
         self.prototype_pool = prototype_pool
@@ -290,7 +290,7 @@ class PMAD(BaseDetector):
 
         history = train(
             self.net_, optimizer, epoch_batches(n_img, batch, r.epochs, generator), loss_of_batch, total=total,
-            desc="PMAD training", progress=self.progress, grad_clip=r.clip_grad, scheduler=scheduler,
+            desc="PMAD training", progress=self.progress, grad_clip=r.grad_clip, scheduler=scheduler,
         )
         sizes = [len(c) for c in torch.arange(n_img).split(batch)] * r.epochs
         self.loss_history_: list[float] = epoch_means(history, sizes, steps_per_epoch)
