@@ -19,6 +19,8 @@ from omniad.methods.base import BaseDetector
 from omniad.params import POSITIVE_INT, Each, Interval
 from omniad.registry import register_detector
 
+DISTANCE_CHUNK = 4096  # patches compared with the whole memory bank at once (memory: chunk x bank size floats)
+
 
 def aggregate_patches(features: list[Tensor], patch_size: int = 3) -> Tensor:
     """PatchCore's locally aware patch features: ``patch_size`` x ``patch_size`` average of each stage, the coarser
@@ -44,7 +46,7 @@ class PatchCoreNet(nn.Module):
         """(B, C, h, w) patch features -> (B, h, w) nearest-bank distances."""
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        return nearest_centres(queries, self.memory_bank, chunk=4096)[0].view(b, h, w)
+        return nearest_centres(queries, self.memory_bank, chunk=DISTANCE_CHUNK)[0].view(b, h, w)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, h, w) nearest-bank distances."""
@@ -119,6 +121,13 @@ class PatchCore(BaseDetector):
 
     def score_features(self, features: Tensor) -> Tensor:
         return self.net_.distances(features)
+
+    def export_batch_size(self) -> int:
+        # the exported graph compares every patch of a run with the whole bank at once: runs of at most
+        # DISTANCE_CHUNK patches hold no more memory than torch's chunks do
+        stride = self.backbone_.strides[0]
+        patches = max(1, -(-self.image_size // stride)) ** 2
+        return max(1, min(int(self.batch_size), DISTANCE_CHUNK // patches))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net_}
