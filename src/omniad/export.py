@@ -391,6 +391,7 @@ class ExportedDetector:
         image_size: side of the square images the graph takes.
         batch_size: images per run of the graph (from the file; may be changed).
         backbone: the backbone's timm name.
+        weights: where the backbone's weights came from; seed: the fit's seed (both for reports).
         calibration_: the model's ``Calibration`` (None when it had none).
         progress: show progress bars in ``omniad.predict`` (default False).
     """
@@ -404,6 +405,9 @@ class ExportedDetector:
         self.image_size: int = metadata["image_size"]
         self.batch_size: int = metadata["batch_size"]
         self.backbone: str | None = metadata.get("backbone")
+        # what reports state about a model (omniad.metrics.describe_detector), from the file
+        self.weights = metadata.get("weights_source")
+        self.seed = metadata["params"].get("seed")
         self.calibration_ = calibration
         self.progress = False
 
