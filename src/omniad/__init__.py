@@ -3,6 +3,7 @@
 from omniad import data as datasets  # (readers, synthetic set, protocols)
 from omniad import methods  # noqa: F401  (registers the built-in detectors)
 from omniad._version import __version__
+from omniad.export import ExportedDetector, export_detector, load_model
 from omniad.io import load_detector
 from omniad.metrics import evaluate
 from omniad.prediction import Prediction, predict
@@ -13,13 +14,16 @@ __all__ = [
     "__version__",
     "AnomalyScores",
     "Detector",
+    "ExportedDetector",
     "Prediction",
     "Sample",
     "create_detector",
     "datasets",
     "evaluate",
+    "export_detector",
     "list_detectors",
     "load_detector",
+    "load_model",
     "predict",
     "register_detector",
 ]

@@ -4,6 +4,7 @@
     omniad eval     --model MODEL --data ROOT [--out REPORT_DIR]
     omniad run      --data ROOT --method NAME --out DIR        (fit + eval + report, any setting)
     omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR   (exit status 1: some files could not be read)
+    omniad export   --model MODEL --format onnx|openvino --out FILE
     omniad list
     omniad demo     [--out DIR]
 """
@@ -204,16 +205,32 @@ def cmd_run(args: argparse.Namespace, names: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from omniad.io import load_detector
+    from omniad.export import load_model
     from omniad.prediction import predict
 
-    detector = load_detector(args.model, device=args.device)
+    detector = load_model(args.model, device=args.device)
     result = predict(detector, args.inputs, args.out, overlays=args.overlays, threshold=args.threshold)
     print(result.summary())
     if result.failed:
         print(f"omniad: {len(result.failed)} of {len(result.failed) + len(result.results)} input files could not "
               "be read (listed above); the others were scored", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from omniad.export import export_detector
+    from omniad.io import load_detector
+
+    kind = args.format or ("openvino" if Path(args.out).suffix.lower() == ".xml" else "onnx")
+    detector = load_detector(args.model, device=args.device)
+    path = export_detector(detector, args.out, format=kind, opset=args.opset, verify=args.verify)
+    files = [path] + ([path.with_suffix(".bin")] if kind == "openvino" else [])
+    size = sum(f.stat().st_size for f in files) / 2**20
+    checked = "scores checked against the torch model" if args.verify else "scores not checked (--no-verify)"
+    print(f"exported {detector.name} to {path} ({size:.1f} MB; uint8 RGB (batch, {detector.image_size}, "
+          f"{detector.image_size}, 3) in; {checked})")
+    print(_calibration_line(detector))
     return 0
 
 
@@ -252,7 +269,8 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     add_data_options(p, train=False, test=True)
 
     p = sub.add_parser("predict", help="score images or folders; decisions, heatmap overlays, CSV/JSON")
-    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--model", required=True,
+                   help="model folder written by `omniad fit`, or a .onnx / OpenVINO .xml file from `omniad export`")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder for results.csv, results.json, overlays/")
     p.add_argument("--threshold", type=float,
@@ -261,6 +279,17 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
                    help="write a heatmap overlay PNG per image, overlays/<path relative to the inputs' common "
                         "folder>.png, e.g. overlays/sub/x.jpg.png (default: on)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+
+    p = sub.add_parser("export", help="write a model's whole scoring path to one ONNX or OpenVINO file")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--format", choices=("onnx", "openvino"),
+                   help="onnx (needs omniad[export]) or openvino (needs omniad[openvino]) (default: openvino for an "
+                        "--out ending in .xml, else onnx)")
+    p.add_argument("--out", required=True, help="file to write: *.onnx, or *.xml for openvino (+ its .bin)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check that the file gives the torch model's scores on probe images (default: on)")
+    p.add_argument("--device", default="cpu", help="device the model is loaded on to be traced (default: cpu)")
 
     p = sub.add_parser("list", help="list the registered detectors")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every parameter with its default")
@@ -314,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_eval(args)
         elif args.command == "predict":
             code = cmd_predict(args)
+        elif args.command == "export":
+            code = cmd_export(args)
         elif args.command == "list":
             code = cmd_list(args)
         else:
@@ -323,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("omniad: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
         if os.environ.get("OMNIAD_DEBUG"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

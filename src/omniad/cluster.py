@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from omniad.runtime import is_exporting
+
 
 def nearest_centres(points: Tensor, centres: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     """Euclidean distance to, and index of, the nearest centre of every point.
@@ -27,16 +29,22 @@ def nearest_centres(points: Tensor, centres: Tensor, chunk: int = 8192) -> tuple
         raise ValueError(f"points have {points.shape[-1]} dimensions, centres {centres.shape[-1]}")
     centres = centres.to(points.device, points.dtype)
     c_sq = (centres * centres).sum(1)
+    if is_exporting():  # a traced loop is unrolled for the tracing batch's size: one chunk fits any batch
+        return _nearest(points, centres, c_sq)
     dists, index = [], []
     for start in range(0, points.shape[0], chunk):
-        p = points[start : start + chunk]
-        d2 = (p * p).sum(1, keepdim=True) - 2 * p @ centres.T + c_sq
-        value, idx = d2.min(dim=1)
-        dists.append(value.clamp_min(0).sqrt())
+        value, idx = _nearest(points[start : start + chunk], centres, c_sq)
+        dists.append(value)
         index.append(idx)
     if not dists:
         return points.new_empty(0), torch.empty(0, dtype=torch.long, device=points.device)
     return torch.cat(dists), torch.cat(index)
+
+
+def _nearest(points: Tensor, centres: Tensor, c_sq: Tensor) -> tuple[Tensor, Tensor]:
+    d2 = (points * points).sum(1, keepdim=True) - 2 * points @ centres.T + c_sq
+    value, idx = d2.min(dim=1)
+    return value.clamp_min(0).sqrt(), idx
 
 
 def kmeans_plusplus(points: Tensor, k: int, generator: torch.Generator) -> Tensor:

@@ -26,10 +26,33 @@ def fuse_stages(features: Sequence[Tensor], size: tuple[int, int] | None = None,
     resized = []
     for f in features:
         if tuple(f.shape[-2:]) != size:
-            kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-            f = F.interpolate(f, size=size, mode=mode, **kwargs)
+            if mode == "area":
+                f = area_resize(f, size)
+            else:
+                kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+                f = F.interpolate(f, size=size, mode=mode, **kwargs)
         resized.append(f)
     return torch.cat(resized, dim=1)
+
+
+def area_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(x, size, mode="area")`` (an adaptive average pool) of (B, C, h, w) maps.
+
+    While traced for export (``omniad.export``) an integer ratio takes an equivalent path the ONNX exporter can
+    convert without knowing the input's size: a ``k`` x ``k`` average pool down, nearest-neighbour repetition up
+    (which is what the adaptive pool computes for integer ratios).
+    """
+    import torch.nn.functional as F
+
+    from omniad.runtime import is_exporting
+
+    if is_exporting():
+        (h, w), (oh, ow) = (int(n) for n in x.shape[-2:]), (int(size[0]), int(size[1]))
+        if h % oh == 0 and w % ow == 0:
+            return F.avg_pool2d(x, (h // oh, w // ow)) if (h, w) != (oh, ow) else x
+        if oh % h == 0 and ow % w == 0:
+            return F.interpolate(x, size=(oh, ow), mode="nearest")
+    return F.interpolate(x, size=tuple(size), mode="area")
 
 
 # A method's features are a tensor or a list of tensors whose first dimension is the image; these helpers let the

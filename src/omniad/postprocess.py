@@ -59,7 +59,8 @@ def top_fraction_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
     """Image score = mean of the top ``fraction`` of each map's values (at least one value)."""
     flat = maps.flatten(1)
     # round first: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling would be 8
-    k = max(1, math.ceil(round(fraction * flat.shape[1], 6)))
+    # int(): a plain number also while the graph is traced for export (the size is fixed there)
+    k = max(1, math.ceil(round(fraction * int(flat.shape[1]), 6)))
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 

@@ -1,4 +1,4 @@
-"""Device choice and seeding, in one place so nothing hard-codes either."""
+"""Device choice, seeding and the export flag, in one place so nothing hard-codes them."""
 
 from __future__ import annotations
 
@@ -23,3 +23,10 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def is_exporting() -> bool:
+    """Whether the code runs inside ``torch.onnx.export``'s trace (``omniad.export``). Sizes are fixed there and
+    loops unrolled, so the few helpers that chunk or pool by a size take an equivalent traceable path; eager scores
+    never take it."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()

@@ -15,6 +15,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,6 +167,26 @@ def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
         return size, size
     height, width = size
     return int(height), int(width)
+
+
+def check_image_batch(images: Any) -> Tensor:
+    """A batch for ``score``: a (B, 3, H, W) (or one (3, H, W)) float tensor in [0, 1], else a clear error."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"score expects a (B, 3, H, W) float tensor, got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"score expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"score expects float images in [0, 1], got dtype {images.dtype}")
+    if images.numel():
+        low, high = float(images.min()), float(images.max())
+        if not (low >= -1e-6 and high <= 1 + 1e-6):  # also catches NaN
+            raise ValueError(
+                f"score expects images with values in [0, 1], got values in [{low:.4g}, {high:.4g}] (images of "
+                "0-255 must be divided by 255; normalisation is the detector's own)"
+            )
+    return images
 
 
 def resize_image(image: Tensor, size: int | tuple[int, int]) -> Tensor:

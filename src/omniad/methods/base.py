@@ -323,10 +323,9 @@ class BaseDetector:
 
     def preprocess(self, images: Any) -> Tensor:
         """Check a batch and resize it to ``image_size`` (the same bilinear, antialiased resize as the readers)."""
-        from omniad.data.images import resize_image
+        from omniad.data.images import check_image_batch, resize_image
 
-        images = _check_images(images)
-        return resize_image(images, self.image_size)
+        return resize_image(check_image_batch(images), self.image_size)
 
     @torch.no_grad()
     def score(self, images: Tensor) -> AnomalyScores:
@@ -403,6 +402,24 @@ class BaseDetector:
     def _check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(data) or omniad.load_detector")
+
+    # ----------------------------------------------------------------- export
+    def export(self, path: str, format: str = "onnx", **options: Any) -> Any:
+        """Write the whole scoring path (uint8 image -> image score, map) to one ONNX or OpenVINO file with the
+        calibration in its metadata: see ``omniad.export.export_detector``. Returns the path written."""
+        from omniad.export import export_detector
+
+        self._check_fitted()
+        return export_detector(self, path, format=format, **options)
+
+    def export_blockers(self) -> list[str]:
+        """What keeps this fitted detector's scoring from being one traced graph, one line each (empty: it
+        exports). A method whose scoring draws random numbers or branches on values says so here."""
+        return []
+
+    def export_batch_size(self) -> int:
+        """Images per run of the exported graph (what ``ExportedDetector`` runs at once by default)."""
+        return int(self.batch_size)
 
     # ----------------------------------------------------------------- persistence
     def modules(self) -> dict[str, nn.Module]:
@@ -493,25 +510,6 @@ def _cat_cpu(parts: list[AnomalyScores]) -> AnomalyScores:
         torch.cat([p.image_scores.float().cpu() for p in parts]),
         torch.cat([p.anomaly_maps.float().cpu() for p in parts]),
     )
-
-
-def _check_images(images: Any) -> Tensor:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"score expects a (B, 3, H, W) float tensor, got {type(images).__name__}")
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"score expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"score expects float images in [0, 1], got dtype {images.dtype}")
-    if images.numel():
-        low, high = float(images.min()), float(images.max())
-        if not (low >= -1e-6 and high <= 1 + 1e-6):  # also catches NaN
-            raise ValueError(
-                f"score expects images with values in [0, 1], got values in [{low:.4g}, {high:.4g}] (images of "
-                "0-255 must be divided by 255; normalisation is the detector's own)"
-            )
-    return images
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,6 +20,8 @@ from omniad.params import POSITIVE_INT, Each, Interval, Options
 from omniad.postprocess import POOLINGS
 from omniad.registry import register_detector
 
+DISTANCE_CHUNK = 4096  # patches compared with the whole memory bank at once (memory: chunk x bank size floats)
+
 
 def aggregate_patches(features: list[Tensor], patch_size: int = 3) -> Tensor:
     """PatchCore's locally aware patch features: ``patch_size`` x ``patch_size`` average of each stage, the coarser
@@ -49,7 +51,7 @@ class PatchCoreNet(nn.Module):
         """(B, C, h, w) patch features -> (B, h, w) nearest-bank distances and the bank index of each."""
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        distances, index = nearest_centres(queries, self.memory_bank, chunk=4096)
+        distances, index = nearest_centres(queries, self.memory_bank, chunk=DISTANCE_CHUNK)
         return distances.view(b, h, w), index.view(b, h, w)
 
     def reweighted_scores(self, emb: Tensor, distances: Tensor, index: Tensor, neighbours: int) -> Tensor:
@@ -152,6 +154,13 @@ class PatchCore(BaseDetector):
             return self.net_.distances(features)
         distances, index = self.net_.nearest(features)
         return RawScores(distances, self.net_.reweighted_scores(features, distances, index, self.resolved_.neighbours))
+
+    def export_batch_size(self) -> int:
+        # the exported graph compares every patch of a run with the whole bank at once: runs of at most
+        # DISTANCE_CHUNK patches hold no more memory than torch's chunks do
+        stride = self.backbone_.strides[0]
+        patches = max(1, -(-self.image_size // stride)) ** 2
+        return max(1, min(int(self.batch_size), DISTANCE_CHUNK // patches))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net_}

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
 from omniad.data.sources import iterate_batches
+from omniad.features import area_resize
 from omniad.methods.base import BaseDetector
 from omniad.methods.cada.alignment import map_moments
 from omniad.types import AnomalyScores
@@ -97,9 +97,9 @@ class FeatureReader:
     def _pool(self, features: Tensor) -> Tensor:
         if self.size is None:
             return features
-        h, w = features.shape[-2:]
+        h, w = (int(n) for n in features.shape[-2:])  # plain ints also while traced for export (fixed sizes)
         target = (min(h, self.size), min(w, self.size))
-        return features if (h, w) == target else F.adaptive_avg_pool2d(features, target)
+        return features if (h, w) == target else area_resize(features, target)
 
     @property
     def stage(self) -> int:

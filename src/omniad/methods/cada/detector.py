@@ -306,6 +306,14 @@ class CADA(BaseDetector):
         self.calibration_ = Calibration.from_normal_scores(aligned.image_scores, far, source)
         return self.calibration_
 
+    # ----------------------------------------------------------------- export
+    def export_blockers(self) -> list[str]:
+        """The base's: its whole scoring path is part of CADA's graph."""
+        return [f"its base {self.base_.name}: {reason}" for reason in self.base_.export_blockers()]
+
+    def export_batch_size(self) -> int:
+        return min(int(self.batch_size), self.base_.export_batch_size())
+
     # ----------------------------------------------------------------- persistence
     def modules(self) -> dict[str, nn.Module]:
         modules = {f"base.{name}": module for name, module in self.base_.saved_modules().items()}

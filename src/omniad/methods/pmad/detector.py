@@ -355,6 +355,16 @@ class PMAD(BaseDetector):
             out[key] = AnomalyScores(result.image_scores.float().cpu(), result.anomaly_maps.float().cpu())
         return out
 
+    def export_blockers(self) -> list[str]:
+        masking = self.resolved_.inference_masking
+        if masking == "proposal":
+            return []  # its masks follow from the prototype distances of the features alone: a sort in the graph
+        return [
+            f"inference_masking={masking!r} draws its masks from numpy's random generator at every call (seeded, "
+            "but outside the graph, and an image's mask depends on its place in the batch); only the paper's "
+            "'proposal' masking, whose masks follow from the features, exports"
+        ]
+
     # ----------------------------------------------------------------- persistence
     def modules(self) -> dict[str, nn.Module]:
         return {"tokenizer": self.tokenizer_, "prototypes": self.prototypes_, "net": self.net_}

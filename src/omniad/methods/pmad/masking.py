@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from omniad.runtime import is_exporting
+
 TRAIN_MASKINGS = ("combined", "random", "blockwise")
 INFERENCE_MASKINGS = ("proposal", "random", "blockwise")
 
@@ -111,6 +113,9 @@ def proposal_mask(distances: Tensor, ratio: float) -> Tensor:
 
 def proposal_order(distances: Tensor) -> Tensor:
     """(B, N) patch indices, most suspicious (farthest from every prototype) first; stable for ties."""
+    if is_exporting():
+        # the exporter cannot convert a stable sort; ONNX's TopK orders equal values by index, as a stable sort
+        return distances.topk(int(distances.shape[1]), dim=1, largest=True, sorted=True).indices
     return torch.sort(distances, dim=1, descending=True, stable=True).indices
 
 
@@ -125,12 +130,14 @@ def masking_rounds(order: Tensor, count: int) -> list[Tensor]:
     Returns:
         ceil(N / count) masks of shape (B, N).
     """
-    b, n = order.shape
+    # the patch count as a plain int (the grid is fixed), the batch as a size: the export traces both right
+    b, n = order.shape[0], int(order.shape[1])
     rounds = []
     for start in range(0, n, count):
+        chosen = order[:, start : start + count]
+        # scatter of a tensor, not of a Python bool, which the ONNX exporter cannot trace; the same masks
         mask = torch.zeros(b, n, dtype=torch.bool, device=order.device)
-        mask.scatter_(1, order[:, start : start + count], True)
-        rounds.append(mask)
+        rounds.append(mask.scatter(1, chosen, torch.ones_like(chosen, dtype=torch.bool)))
     return rounds
 
 
@@ -155,7 +162,7 @@ def inference_rounds(
     Returns:
         ceil(1 / m)-ish masks of shape (B, N).
     """
-    b, n = distances.shape
+    b, n = distances.shape[0], int(distances.shape[1])  # see masking_rounds
     count = num_masked(n, ratio)
     if strategy == "proposal":
         order = proposal_order(distances)
