@@ -281,3 +281,19 @@ def test_collect_inputs_dedupes_and_refuses_missing_paths(images, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image files"):
         collect_inputs([tmp_path / "empty"])
+
+
+@pytest.mark.parametrize("readers", [1, 3])
+def test_reader_threads_give_the_results_of_reading_inline(detector, tmp_path, monkeypatch, readers):
+    """Reading ahead on threads keeps the order, the scores and the list of unreadable files."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    folder = tmp_path / "in"
+    _corpus(folder)
+    for i in range(11):  # several batches of 4, bad files among them
+        _png(folder / f"more{i:02d}.png", value=20 * i)
+    inline = predict(detector, folder, batch_size=4, readers=0)
+    ahead = predict(detector, folder, batch_size=4, readers=readers)
+    assert [r.path for r in ahead.results] == [r.path for r in inline.results]
+    assert [r.score for r in ahead.results] == pytest.approx([r.score for r in inline.results], rel=1e-6)
+    assert [(f.path, f.reason) for f in ahead.failed] == [(f.path, f.reason) for f in inline.failed]
+    assert len(inline.results) == 13 and len(inline.failed) == 5

@@ -30,7 +30,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -320,6 +322,7 @@ def predict(
     threshold: float | None = None,
     progress: bool | None = None,
     batch_size: int | None = None,
+    readers: int | None = None,
 ) -> Prediction:
     """Score images with a fitted detector and decide at its calibrated threshold (or at ``threshold``).
 
@@ -333,6 +336,8 @@ def predict(
         threshold: decide at this threshold instead of the model's calibrated one.
         progress: show a progress bar (default: ``detector.progress``).
         batch_size: images per ``score`` call (default: ``detector.batch_size``).
+        readers: threads that decode and resize the next batches while the model scores this one (default:
+            the CPU count, at most 4; 0 reads on the calling thread). At most two batches wait, read, in memory.
 
     Returns:
         A ``Prediction``: the scored images, the files that could not be read (with reasons), the threshold
@@ -363,20 +368,15 @@ def predict(
             # one batch however many images there are
             out_path.mkdir(parents=True, exist_ok=True)
             spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".predict-", dir=out_path)))
-        for number, chunk in enumerate(_chunks(items, batch_size, show)):
+        chunks = _chunks(items, batch_size, show)
+        for number, loaded in enumerate(_loaded_chunks(chunks, size, readers)):
             good, images = [], []
-            for item in chunk:
-                if item.image is not None:
+            for item, image, issue in loaded:
+                if issue is not None:
+                    failed.append(issue)
+                else:
                     good.append(item)
-                    images.append(item.image)
-                    continue
-                try:
-                    image = read_image(item.path)
-                except (ImageReadError, OSError) as err:
-                    failed.append(InputIssue(item.name, _reason(err, item.path)))
-                    continue
-                good.append(item)
-                images.append(resize_image(image, size))
+                    images.append(image)
             if not good:
                 continue
             batch = torch.stack(images)
@@ -420,6 +420,34 @@ def predict(
     if out_path is not None:
         write_results(prediction, out_path)
     return prediction
+
+
+def _load(item: _Item, size: int) -> tuple[_Item, Tensor | None, InputIssue | None]:
+    """One input read and resized to ``size`` (in-memory images are ready), or the reason it cannot be."""
+    if item.image is not None:
+        return item, item.image, None
+    try:
+        return item, resize_image(read_image(item.path), size), None
+    except (ImageReadError, OSError) as err:
+        return item, None, InputIssue(item.name, _reason(err, item.path))
+
+
+def _loaded_chunks(chunks: Iterable[list[_Item]], size: int, readers: int | None) -> Iterator[list[tuple]]:
+    """Each chunk's inputs loaded (``_load``), by a bounded pool of reader threads that works on the next chunks
+    while the caller scores this one: decoding and resizing (PIL and torch release the GIL) overlap scoring."""
+    workers = min(4, os.cpu_count() or 1) if readers is None else int(readers)
+    if workers <= 0:
+        for chunk in chunks:
+            yield [_load(item, size) for item in chunk]
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="omniad-reader") as pool:
+        waiting: deque[list[Future]] = deque()
+        for chunk in chunks:
+            waiting.append([pool.submit(_load, item, size) for item in chunk])
+            if len(waiting) > 2:  # bounded: the chunk being scored and two read ahead
+                yield [f.result() for f in waiting.popleft()]
+        while waiting:
+            yield [f.result() for f in waiting.popleft()]
 
 
 def _chunks(items: list[_Item], size: int, progress: bool) -> Iterator[list[_Item]]:
