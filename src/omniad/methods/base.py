@@ -327,7 +327,7 @@ class BaseDetector:
 
         return resize_image(check_image_batch(images), self.image_size)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # scores never need autograd: skip its bookkeeping entirely (no_grad keeps some)
     def score(self, images: Tensor) -> AnomalyScores:
         """Score a batch of images.
 
