@@ -4,6 +4,7 @@
     omniad eval     --model MODEL --data ROOT [--out REPORT_DIR]
     omniad run      --data ROOT --method NAME --out DIR        (fit + eval + report, any setting)
     omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR   (exit status 1: some files could not be read)
+    omniad serve    --model MODEL [--host 127.0.0.1 --port 8000]  (HTTP service and page; needs omniad[serve])
     omniad list
     omniad demo     [--out DIR]
 """
@@ -217,6 +218,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from omniad.serve import create_app, load_model, require_serve_dependencies, run
+
+    require_serve_dependencies()  # before the model loads: say what is missing at once
+    detector = load_model(args.model, device=args.device)
+    print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
+    app = create_app(detector, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch)
+    print(f"serving on http://{args.host}:{args.port}/ (the page; POST /predict, GET /model, GET /health); "
+          "Ctrl+C stops", file=sys.stderr)
+    run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from omniad.demo import run_demo
 
@@ -262,6 +276,18 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
                         "folder>.png, e.g. overlays/sub/x.jpg.png (default: on)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
 
+    p = sub.add_parser("serve", help="serve a model over HTTP: POST /predict, GET /model, GET /health, a page at /")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0,
+                   help="largest request body in MiB; bigger uploads get 413 (default 32)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images in one request (default 32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
+
     p = sub.add_parser("list", help="list the registered detectors")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every parameter with its default")
 
@@ -305,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_eval(args)
         elif args.command == "predict":
             code = cmd_predict(args)
+        elif args.command == "serve":
+            code = cmd_serve(args)
         elif args.command == "list":
             code = cmd_list(args)
         else:
@@ -314,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("omniad: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
         if os.environ.get("OMNIAD_DEBUG"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
