@@ -48,10 +48,10 @@ async function loadModel() {
   state.calibrated = m.threshold;
   state.threshold = m.threshold;
   $("model-name").textContent = m.name;
-  const facts = [`${m.name}`, m.backbone && `backbone ${m.backbone}`, `${m.image_size} px`];
+  const facts = [m.backbone && `backbone ${m.backbone}`, `${m.image_size} px`];
   if (m.threshold === null) facts.push("no calibrated threshold: scores only");
-  else facts.push(`threshold ${fmt(m.threshold)} at target false-alarm rate ${m.target_far} ` +
-                  `(${state.normals.length} held-out normal images: ${m.calibration_source})`);
+  else facts.push(`threshold ${fmt(m.threshold)} at target false-alarm rate ${Number((100 * m.target_far).toPrecision(6))} %`,
+                  `set on ${state.normals.length} normal images (${m.calibration_source})`);
   if (m.categories) facts.push(`trained on ${m.categories.join(", ")}`);
   $("model-facts").textContent = facts.filter(Boolean).join(" · ");
   if (m.threshold !== null && state.normals.length > 0) {
@@ -119,7 +119,6 @@ function addCard(result) {
   name.textContent = result.filename;
   const badge = document.createElement("span");
   badge.className = "decision";
-  caption.append(name, badge);
   const detail = document.createElement("span");
   if (result.error) {
     detail.className = "message";
@@ -129,7 +128,7 @@ function addCard(result) {
     detail.dataset.score = String(result.score);
     detail.textContent = `score ${fmt(result.score)}`;
   }
-  caption.append(detail);
+  caption.append(name, detail, badge);
   card.append(caption);
   $("results").prepend(card);
   paintDecision(result);
