@@ -65,8 +65,11 @@ def assert_still_answers(client) -> None:
 
 # ------------------------------------------------------------------ endpoints
 def test_health(client, detector):
-    body = client.get("/health").json()
-    assert body["status"] == "ok" and body["model"] == detector.name
+    before = client.get("/health").json()
+    assert before["status"] == "ok" and before["model"] == detector.name
+    client.post("/predict", files=[upload("a.png", image_bytes(1)), upload("b.png", image_bytes(2))])
+    after = client.get("/health").json()
+    assert (after["model_calls"], after["images_scored"]) == (before["model_calls"] + 1, before["images_scored"] + 2)
 
 
 def test_model_describes_the_model_and_its_calibration(client, detector):
@@ -316,7 +319,7 @@ def test_concurrent_jobs_are_joined_into_batches_and_split_back():
     # the waiting jobs joined while they fit in the batch size (4): [2, 3] + [4], then [5, 6]
     assert model.batches == [[1.0], [2.0, 3.0, 4.0], [5.0, 6.0]]
     assert [r[0].tolist() for r in results] == [[2.0], [4.0, 6.0], [8.0], [10.0, 12.0]]
-    assert list(scorer.batch_sizes) == [1, 3, 2]
+    assert list(scorer.batch_sizes) == [1, 3, 2] and (scorer.calls, scorer.images) == (3, 6)
 
 
 def test_a_bad_job_fails_alone_when_joined_with_others():

@@ -76,7 +76,7 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": detector.name, "batches_scored": len(scorer.batch_sizes)}
+        return {"status": "ok", "model": detector.name, "model_calls": scorer.calls, "images_scored": scorer.images}
 
     @app.get("/model")
     def model() -> dict[str, Any]:

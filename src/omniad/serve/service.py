@@ -178,7 +178,9 @@ class BatchScorer:
     def __init__(self, detector: Any, batch_size: int | None = None) -> None:
         self.detector = detector
         self.batch_size = max(1, int(batch_size or getattr(detector, "batch_size", 16) or 16))
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # images per model call, latest last (/health, tests)
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # images per model call, the latest 1000 (for tests)
+        self.calls = 0  # model calls and images scored since start (for /health and the load benchmark)
+        self.images = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -252,6 +254,8 @@ class BatchScorer:
         images = torch.cat(parts) if len(parts) > 1 else parts[0]
         result = self.detector.score(images)
         self.batch_sizes.append(len(images))
+        self.calls += 1
+        self.images += len(images)
         scores = np.asarray(_numpy(result.image_scores), dtype=np.float64).reshape(-1)
         maps = torch.as_tensor(_numpy(result.anomaly_maps)).float()
         if scores.size != len(images) or len(maps) != len(images):
