@@ -147,6 +147,28 @@ def run_load(url: str, images: list[tuple[str, bytes]], requests: int, concurren
     }
 
 
+def direct_throughput(model: str, images: list[tuple[str, bytes]], min_seconds: float = 10.0) -> dict:
+    """Images per second of the model's own ``score`` in this process on the same images (no HTTP), in batches of
+    its batch size and one image at a time: what the service's overhead is measured against."""
+    import torch
+
+    from omniad.data.images import decode_image
+    from omniad.serve import load_model
+
+    detector = load_model(model)
+    batch = torch.cat([detector.preprocess(decode_image(data, name)) for name, data in images])
+    rates = {}
+    for label, step in ((f"batch_{detector.batch_size}", int(detector.batch_size)), ("batch_1", 1)):
+        detector.score(batch[:step])  # warm-up
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < min_seconds:
+            for start in range(0, len(batch), step):
+                detector.score(batch[start:start + step])
+            done += len(batch)
+        rates[label] = done / (time.perf_counter() - started)
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model to serve (default: fit PaDiM, offline weights, on synthetic images)")
@@ -157,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256, help="image size of the default model (256)")
     parser.add_argument("--n-train", type=int, default=20, help="training images per type of the default model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--direct", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the load, time the model's own score on the same images in this process")
     parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     if not (1 <= args.requests <= 100_000 and 1 <= args.concurrency <= 64):
@@ -188,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
         load_after = os.getloadavg()
+        direct = direct_throughput(model, images) if args.direct else None
 
     calls = calls_after["model_calls"] - calls_before["model_calls"]
     scored = calls_after["images_scored"] - calls_before["images_scored"]
@@ -201,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         **result,
         "mean_images_per_model_call": scored / calls if calls else None,
         "server_peak_rss_mib": peak,
+        "direct_score_images_per_s": direct,
         "machine": {"nproc": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
                     "python": platform.python_version(), "platform": platform.platform()},
     }
@@ -212,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
           f"p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms; errors {result['errors']}; "
           f"{report['mean_images_per_model_call']:.2f} images per model call; server peak RSS "
           f"{peak if peak is None else f'{peak:.0f} MiB'}")
+    if direct:
+        print("the model's own score in-process, same images: " +
+              ", ".join(f"{rate:.1f} images/s ({label.replace('_', ' ')})" for label, rate in direct.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 1 if result["errors"] or result["stopped_by_time_limit"] else 0

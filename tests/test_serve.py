@@ -81,10 +81,11 @@ def test_model_describes_the_model_and_its_calibration(client, detector):
     assert info["calibration_source"] == calibration.source
     assert info["normal_scores"] == sorted(info["normal_scores"]) == calibration.normal_scores.tolist()
     assert info["categories"] is None  # a torch bundle does not record them
-    assert info["protocol"] == {"image_size": SIZE, "sigma": detector.resolved_.sigma,
-                                "image_pooling": detector.resolved_.image_pooling,
-                                "top_fraction": detector.resolved_.top_fraction,
-                                "pool_kernel": detector.resolved_.pool_kernel}
+    assert info["protocol"]["score_tail"] == {"sigma": detector.resolved_.sigma,
+                                              "image_pooling": detector.resolved_.image_pooling,
+                                              "top_fraction": detector.resolved_.top_fraction,
+                                              "pool_kernel": detector.resolved_.pool_kernel}
+    assert "strictly above the threshold" in info["protocol"]["decision"] and info["protocol"]["image_size"] == SIZE
     assert info["params"] == detector.get_params()
     assert info["limits"] == {"max_upload_bytes": 2**20, "max_batch": 12, "max_pixels": None}
 
@@ -263,13 +264,23 @@ def test_serves_any_object_with_the_scoring_interface():
     with TestClient(create_app(MeanDetector())) as client:
         info = client.get("/model").json()
         assert info["name"] == "mean" and info["backbone"] is None and info["params"] is None
-        assert info["protocol"]["image_size"] == 16
+        assert info["protocol"] is None and info["image_size"] == 16
         white, black = io.BytesIO(), io.BytesIO()
         Image.new("RGB", (20, 20), "white").save(white, format="PNG")
         Image.new("RGB", (20, 20), "black").save(black, format="PNG")
         body = client.post("/predict?overlay=true", files=[upload("white.png", white.getvalue()),
                                                            upload("black.png", black.getvalue())]).json()
     assert [(r["score"], r["decision"]) for r in body["results"]] == [(1.0, "anomalous"), (0.0, "normal")]
+
+
+def test_model_info_reads_the_protocol_an_exported_file_carries():
+    model = MeanDetector()
+    model.metadata = {"protocol": {"decision": "anomalous when the image score is strictly above the threshold",
+                                   "score_tail": {"sigma": 4.0}}}
+    model.backbone, model.get_params = "tf_efficientnet_lite0", lambda: {"image_size": 16}
+    info = model_info(model)
+    assert info["protocol"] == model.metadata["protocol"] and info["params"] == {"image_size": 16}
+    assert info["backbone"] == "tf_efficientnet_lite0" and info["model_class"].endswith("MeanDetector")
 
 
 def test_a_model_failure_is_a_500_naming_it_and_the_service_recovers():

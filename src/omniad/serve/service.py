@@ -28,7 +28,7 @@ from omniad.data.images import ImageReadError, ImageTooLargeError, decode_image
 from omniad.report import overlay_heatmap, overlay_scale
 
 # base parameters that make the image score from the raw map (what an exported model must reproduce)
-_PROTOCOL_PARAMS = ("image_size", "sigma", "image_pooling", "top_fraction", "pool_kernel")
+_SCORE_TAIL = ("sigma", "image_pooling", "top_fraction", "pool_kernel")
 
 
 def load_model(path: str | os.PathLike, device: str | None = None) -> Any:
@@ -62,10 +62,6 @@ def model_info(detector: Any) -> dict[str, Any]:
     calibration = getattr(detector, "calibration_", None)
     params = detector.get_params() if callable(getattr(detector, "get_params", None)) else getattr(
         detector, "params", None)
-    protocol = getattr(detector, "protocol", None)
-    if protocol is None:
-        resolved = getattr(detector, "resolved_", None)
-        protocol = {name: getattr(resolved, name, getattr(detector, name, None)) for name in _PROTOCOL_PARAMS}
     categories = getattr(detector, "categories_", None) or getattr(detector, "categories", None)
     return _json_safe({
         "name": detector.name,
@@ -80,9 +76,31 @@ def model_info(detector: Any) -> dict[str, Any]:
         # sorted (Calibration keeps them so): the page computes the false-alarm rate of any threshold from them
         "normal_scores": [] if calibration is None else [float(v) for v in calibration.normal_scores],
         "categories": None if categories is None else list(categories),
-        "protocol": dict(protocol),
+        "protocol": protocol(detector),
         "params": None if params is None else dict(params),
     })
+
+
+def protocol(detector: Any) -> dict[str, Any] | None:
+    """How the model turns an image into a decision: the model's own ``protocol`` (or its file metadata's, for an
+    exported model), else, for a torch detector, the decision rule, the score tail and the evaluation protocol
+    (the shape an exported file's metadata carries)."""
+    own = getattr(detector, "protocol", None)
+    if own is None and isinstance(getattr(detector, "metadata", None), dict):
+        own = detector.metadata.get("protocol")
+    if own is not None:
+        return dict(own)
+    resolved = getattr(detector, "resolved_", None)
+    if resolved is None:
+        return None
+    from omniad.metrics.evaluate import PROTOCOL
+
+    return {
+        "decision": "anomalous when the image score is strictly above the threshold",
+        "image_size": int(detector.image_size),
+        "score_tail": {name: getattr(resolved, name, None) for name in _SCORE_TAIL},
+        "evaluation": PROTOCOL,
+    }
 
 
 def _json_safe(value: Any) -> Any:
@@ -271,4 +289,4 @@ def _numpy(values: Any) -> Any:
 
 
 __all__ = ["BatchScorer", "ServeError", "load_model", "model_info", "overlay_png", "predict_payload",
-           "prepare_upload"]
+           "prepare_upload", "protocol"]
