@@ -64,11 +64,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, threads: int | None) -> subprocess.Popen:
     src = str(Path(omniad.__file__).resolve().parents[1])  # the server runs the omniad this script imports
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     command = [sys.executable, "-m", "omniad.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
-               "--log-level", "warning"]
+               "--log-level", "warning"] + ([] if threads is None else ["--threads", str(threads)])
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -147,10 +147,15 @@ def run_load(url: str, images: list[tuple[str, bytes]], requests: int, concurren
     }
 
 
-def direct_throughput(model: str, images: list[tuple[str, bytes]], min_seconds: float = 10.0) -> dict:
+def direct_throughput(model: str, images: list[tuple[str, bytes]], threads: int | None,
+                      min_seconds: float = 10.0) -> dict:
     """Images per second of the model's own ``score`` in this process on the same images (no HTTP), in batches of
-    its batch size and one image at a time: what the service's overhead is measured against."""
+    its batch size and one image at a time, with the server's torch threads: what the service is measured
+    against."""
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     from omniad.data.images import decode_image
     from omniad.serve import load_model
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256, help="image size of the default model (256)")
     parser.add_argument("--n-train", type=int, default=20, help="training images per type of the default model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads of the server (default: torch's, one per core)")
     parser.add_argument("--direct", action=argparse.BooleanOptionalAction, default=True,
                         help="after the load, time the model's own score on the same images in this process")
     parser.add_argument("--out", help="write the results as JSON to this file")
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://{HOST}:{port}"
         log = work / "server.log"
         load_before = os.getloadavg()
-        server = start_server(model, port, log)
+        server = start_server(model, port, log, args.threads)
         try:
             wait_ready(url, server, 300, log)
             info = httpx.get(url + "/model", timeout=10).json()
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
         load_after = os.getloadavg()
-        direct = direct_throughput(model, images) if args.direct else None
+        direct = direct_throughput(model, images, args.threads) if args.direct else None
 
     calls = calls_after["model_calls"] - calls_before["model_calls"]
     scored = calls_after["images_scored"] - calls_before["images_scored"]
@@ -222,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                   "name": info["name"], "backbone": info["backbone"], "image_size": info["image_size"],
                   "batch_size": info["batch_size"]},
         "load": {"requests": args.requests, "concurrency": args.concurrency, "images_per_request": 1,
-                 "request_png_bytes_mean": float(np.mean([len(d) for _, d in images]))},
+                 "request_png_bytes_mean": float(np.mean([len(d) for _, d in images])),
+                 "server_torch_threads": args.threads or f"default ({os.cpu_count()} cores)"},
         **result,
         "mean_images_per_model_call": scored / calls if calls else None,
         "server_peak_rss_mib": peak,
@@ -232,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     lat = result["latency_ms"]
     print(f"{info['name']} ({info['backbone']}, {info['image_size']} px, batch {info['batch_size']}) on "
-          f"{os.cpu_count()} cores; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+          f"{os.cpu_count()} cores, server torch threads {args.threads or 'default'}; load average before "
+          f"{load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"{result['requests_done']} requests, {args.concurrency} concurrent clients, 127.0.0.1: "
           f"{result['requests_per_s']:.1f} requests/s in {result['seconds']:.1f} s; latency p50 {lat['p50']:.0f} ms, "
           f"p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms; errors {result['errors']}; "

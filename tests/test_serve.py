@@ -186,6 +186,8 @@ BAD_REQUESTS = {
     "text content type": ({"files": [upload("a.txt", b"hello", "text/plain")]}, 415, "not an image type", "a.txt"),
     "pdf content type": ({"files": [upload("a.pdf", b"%PDF-1.4", "application/pdf")]}, 415, "application/pdf",
                          "a.pdf"),
+    "multipart without a boundary": ({"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400,
+                                     "malformed multipart upload", None),
     "json body": ({"json": {"image": "a.png"}}, 415, "multipart/form-data", None),
     "no body": ({}, 415, "multipart/form-data", None),
     "no files field": ({"data": {"image": "x"}, "files": [("other", ("a.png", b"x", "image/png"))]}, 422,
@@ -352,14 +354,14 @@ def test_a_bad_job_fails_alone_when_joined_with_others():
 def test_cli_serve_loads_the_model_and_runs_the_app(detector, tmp_path, monkeypatch, capsys):
     detector.save(tmp_path / "model")
     ran = {}
-    monkeypatch.setattr("omniad.serve.run", lambda app, host, port, log_level: ran.update(
-        app=app, host=host, port=port, log_level=log_level))
+    monkeypatch.setattr("omniad.serve.run", lambda app, host, port, log_level, threads: ran.update(
+        app=app, host=host, port=port, log_level=log_level, threads=threads))
     assert main(["serve", "--model", str(tmp_path / "model"), "--port", "8123", "--max-batch", "3",
-                 "--max-upload-mb", "0.5"]) == 0
-    assert (ran["host"], ran["port"], ran["log_level"]) == ("127.0.0.1", 8123, "info")
+                 "--max-upload-mb", "0.5", "--max-megapixels", "0.25", "--threads", "1"]) == 0
+    assert (ran["host"], ran["port"], ran["log_level"], ran["threads"]) == ("127.0.0.1", 8123, "info", 1)
     with TestClient(ran["app"]) as client:
         info = client.get("/model").json()
-    assert info["limits"] == {"max_upload_bytes": 2**19, "max_batch": 3, "max_pixels": None}
+    assert info["limits"] == {"max_upload_bytes": 2**19, "max_batch": 3, "max_pixels": 250_000}
     assert info["threshold"] == detector.threshold_
     assert "serving on http://127.0.0.1:8123/" in capsys.readouterr().err
 

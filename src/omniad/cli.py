@@ -224,10 +224,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_serve_dependencies()  # before the model loads: say what is missing at once
     detector = load_model(args.model, device=args.device)
     print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
-    app = create_app(detector, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch)
+    max_pixels = None if args.max_megapixels is None else int(args.max_megapixels * 1e6)
+    app = create_app(detector, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
+                     max_pixels=max_pixels)
     print(f"serving on http://{args.host}:{args.port}/ (the page; POST /predict, GET /model, GET /health); "
           "Ctrl+C stops", file=sys.stderr)
-    run(app, host=args.host, port=args.port, log_level=args.log_level)
+    run(app, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads)
     return 0
 
 
@@ -285,6 +287,11 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--max-upload-mb", type=float, default=32.0,
                    help="largest request body in MiB; bigger uploads get 413 (default 32)")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one request (default 32)")
+    p.add_argument("--max-megapixels", type=float,
+                   help="largest image decoded, in millions of pixels; larger ones get 413 before decoding "
+                        "(default: Pillow's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS, about 89)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the server (default: one per core; 1 is often faster on a busy machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
 

@@ -36,10 +36,24 @@ def create_app(detector: Any, **options: Any) -> Any:
     return _create_app(detector, **options)
 
 
-def run(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+def run(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+        threads: int | None = None) -> None:
+    """Serve ``app`` with uvicorn until interrupted.
+
+    Args:
+        threads: torch's intra-op threads for this process (None: torch's default, one per core). On a machine
+            whose cores other work also uses, 1 can be many times faster: spinning worker threads then wait on
+            each other.
+    """
     require_serve_dependencies()
     import uvicorn
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be a positive number, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

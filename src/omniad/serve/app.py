@@ -5,9 +5,10 @@
     GET  /health                   liveness
     GET  /                         the page (static/index.html, app.js, style.css)
 
-Refusals are JSON ``{"detail": message, "filename": file or null}`` with a 4xx status: 413 (upload, image or
-file count over the limits), 415 (not multipart, or a file that is not an image type), 422 (no files, or a file
-that is not a readable image). A failed request leaves nothing behind: the next one is served as usual.
+Refusals are JSON ``{"detail": message, "filename": file or null}`` with a 4xx status: 400 (a malformed multipart
+body), 413 (upload, image or file count over the limits), 415 (not multipart, or a file that is not an image
+type), 422 (no files, or a file that is not a readable image); 500 when the model fails. A failed request
+leaves nothing behind: the next one is served as usual.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from omniad._version import __version__
 from omniad.serve.service import BatchScorer, ServeError, model_info, predict_payload, prepare_upload
@@ -123,7 +125,10 @@ async def _read_uploads(request: Request, max_bytes: int, max_batch: int) -> tup
         raise ServeError(413, _too_large(f"{int(declared)} bytes", max_bytes))
     # the body is counted as it arrives, so a request without (or with a false) Content-Length is cut off too
     limited = Request(request.scope, _counting(request.receive, max_bytes))
-    form = await limited.form(max_files=max(1000, max_batch + 1))
+    try:
+        form = await limited.form(max_files=max(1000, max_batch + 1))
+    except HTTPException as err:  # Starlette's word on a malformed body, in the service's own shape
+        raise ServeError(400, f"malformed multipart upload: {err.detail}") from None
     try:
         uploads = form.getlist(FIELD)
         if not uploads:
