@@ -137,6 +137,7 @@ def test_decisions_come_from_the_calibration(client, detector, monkeypatch):
     assert [r["anomalous"] for r in body["results"]] == middle.decide(scores).tolist() == [
         s > middle.threshold for s in scores]
     assert body["threshold"] == middle.threshold
+    assert client.get("/model").json()["threshold"] == middle.threshold  # /model describes the rule in use
 
 
 def test_overlay_is_a_png_of_the_model_size(client):

@@ -60,8 +60,7 @@ def create_app(
     if max_upload_bytes < 1 or max_batch < 1:
         raise ValueError(f"max_upload_bytes and max_batch must be positive, got {max_upload_bytes}, {max_batch}")
     scorer = BatchScorer(detector, batch_size)
-    info = model_info(detector)
-    info["limits"] = {"max_upload_bytes": max_upload_bytes, "max_batch": max_batch, "max_pixels": max_pixels}
+    limits = {"max_upload_bytes": max_upload_bytes, "max_batch": max_batch, "max_pixels": max_pixels}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,7 +81,8 @@ def create_app(
 
     @app.get("/model")
     def model() -> dict[str, Any]:
-        return info
+        # read each time: a model re-calibrated in Python while served (detector.calibrate) is described as it is
+        return {**model_info(detector), "limits": limits}
 
     @app.post("/predict", openapi_extra=_MULTIPART_SCHEMA)
     async def predict(request: Request, overlay: bool = False) -> dict[str, Any]:

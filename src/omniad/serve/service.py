@@ -62,7 +62,9 @@ def model_info(detector: Any) -> dict[str, Any]:
     calibration = getattr(detector, "calibration_", None)
     params = detector.get_params() if callable(getattr(detector, "get_params", None)) else getattr(
         detector, "params", None)
-    categories = getattr(detector, "categories_", None) or getattr(detector, "categories", None)
+    metadata = getattr(detector, "metadata", None)
+    categories = getattr(detector, "categories_", None) or getattr(detector, "categories", None) or (
+        metadata.get("categories") if isinstance(metadata, dict) else None)
     return _json_safe({
         "name": detector.name,
         "model_class": f"{type(detector).__module__}.{type(detector).__qualname__}",
@@ -73,8 +75,8 @@ def model_info(detector: Any) -> dict[str, Any]:
         "target_far": None if calibration is None else calibration.target_far,
         "calibration_source": None if calibration is None else calibration.source,
         "calibration": None if calibration is None else calibration.describe(),
-        # sorted (Calibration keeps them so): the page computes the false-alarm rate of any threshold from them
-        "normal_scores": [] if calibration is None else [float(v) for v in calibration.normal_scores],
+        # sorted: the page computes the false-alarm rate of any threshold from them by bisection
+        "normal_scores": [] if calibration is None else sorted(float(v) for v in calibration.normal_scores),
         "categories": None if categories is None else list(categories),
         "protocol": protocol(detector),
         "params": None if params is None else dict(params),

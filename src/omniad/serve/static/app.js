@@ -150,6 +150,7 @@ async function send(file) {
 async function upload(fileList) {
   const files = Array.from(fileList);
   if (files.length === 0) return;
+  document.body.dataset.busy = "true"; // the page test waits for "false"
   let next = 0;
   let done = 0;
   let refused = 0;
@@ -164,16 +165,18 @@ async function upload(fileList) {
       say(`${done} of ${files.length} done` + (refused ? `, ${refused} refused` : ""));
     }
   }
-  await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, files.length) }, worker));
-  updateRange();
-  renderThreshold();
-  document.body.dataset.busy = "false";
+  try {
+    await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, files.length) }, worker));
+  } finally {
+    updateRange();
+    renderThreshold();
+    document.body.dataset.busy = "false";
+  }
 }
 
 function setUp() {
   const input = $("files");
   input.addEventListener("change", () => {
-    document.body.dataset.busy = "true";
     upload(input.files).finally(() => { input.value = ""; });
   });
   const drop = $("drop");
@@ -182,7 +185,6 @@ function setUp() {
   drop.addEventListener("drop", (event) => {
     event.preventDefault();
     drop.classList.remove("over");
-    document.body.dataset.busy = "true";
     upload(event.dataTransfer.files);
   });
   $("threshold").addEventListener("input", (event) => {
