@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from omniad.data import ImageReadError, read_image, read_mask
+from omniad.data import ImageReadError, ImageTooLargeError, decode_image, read_image, read_mask
 from omniad.data.images import resize_image, resize_mask
 
 RNG = np.random.default_rng(0)
@@ -177,6 +181,43 @@ def test_error_cases_name_file_and_problem(tmp_path):
             read_image(path)
         assert str(path) in str(info.value) and problem in str(info.value), str(info.value)
         assert isinstance(info.value, ValueError)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (Pillow reads the size before any pixel)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "tif"])
+def test_decode_image_is_read_image_on_bytes(tmp_path, ext):
+    path = tmp_path / f"a.{ext}"
+    Image.fromarray(RGB8).save(path)
+    assert torch.equal(decode_image(path.read_bytes(), "a"), read_image(path))
+
+
+def test_decode_image_errors_name_the_upload():
+    for data, problem in ((b"", "empty"), (b"not a picture", "not an image"), (png_header_only(4, 4)[:-12], "PNG")):
+        with pytest.raises(ImageReadError) as info:
+            decode_image(data, "upload.png")
+        assert str(info.value).startswith("upload.png: ") and problem in str(info.value), str(info.value)
+
+
+def test_decode_image_refuses_too_many_pixels_before_decoding():
+    data = png_header_only(30000, 30000)  # 9e8 pixels: over twice Pillow's decompression-bomb limit
+    with pytest.raises(ImageTooLargeError, match="big.png: image too large"):
+        decode_image(data, "big.png")
+    small = Image.fromarray(RGB8)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    with pytest.raises(ImageTooLargeError, match="10x12 = 120 pixels; the limit is 100"):
+        decode_image(buffer.getvalue(), "x.png", max_pixels=100)
+    assert decode_image(buffer.getvalue(), "x.png", max_pixels=120).shape == (3, 12, 10)
+    assert issubclass(ImageTooLargeError, ImageReadError)
 
 
 def test_resize_image_shapes_and_range():

@@ -5,6 +5,7 @@
     omniad run      --data ROOT --method NAME --out DIR        (fit + eval + report, any setting)
     omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR   (exit status 1: some files could not be read)
     omniad export   --model MODEL --format onnx|openvino --out FILE
+    omniad serve    --model MODEL [--host 127.0.0.1 --port 8000]  (HTTP service and page; needs omniad[serve])
     omniad list
     omniad demo     [--out DIR]
 """
@@ -231,6 +232,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {detector.name} to {path} ({size:.1f} MB; uint8 RGB (batch, {detector.image_size}, "
           f"{detector.image_size}, 3) in; {checked})")
     print(_calibration_line(detector))
+def cmd_serve(args: argparse.Namespace) -> int:
+    from omniad.serve import create_app, load_model, require_serve_dependencies, run
+
+    require_serve_dependencies()  # before the model loads: say what is missing at once
+    detector = load_model(args.model, device=args.device)
+    print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
+    max_pixels = None if args.max_megapixels is None else int(args.max_megapixels * 1e6)
+    app = create_app(detector, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
+                     max_pixels=max_pixels)
+    print(f"serving on http://{args.host}:{args.port}/ (the page; POST /predict, GET /model, GET /health); "
+          "Ctrl+C stops", file=sys.stderr)
+    run(app, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads)
     return 0
 
 
@@ -290,6 +303,22 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check that the file gives the torch model's scores on probe images (default: on)")
     p.add_argument("--device", default="cpu", help="device the model is loaded on to be traced (default: cpu)")
+    p = sub.add_parser("serve", help="serve a model over HTTP: POST /predict, GET /model, GET /health, a page at /")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0,
+                   help="largest request body in MiB; bigger uploads get 413 (default 32)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images in one request (default 32)")
+    p.add_argument("--max-megapixels", type=float,
+                   help="largest image decoded, in millions of pixels; larger ones get 413 before decoding "
+                        "(default: Pillow's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS, about 89)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the server (default: one per core; 1 is often faster on a busy machine)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
 
     p = sub.add_parser("list", help="list the registered detectors")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every parameter with its default")
@@ -345,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_predict(args)
         elif args.command == "export":
             code = cmd_export(args)
+        elif args.command == "serve":
+            code = cmd_serve(args)
         elif args.command == "list":
             code = cmd_list(args)
         else:

@@ -1,4 +1,5 @@
-"""Read images and masks from disk into [0, 1] tensors, and resize them under the pinned protocol.
+"""Read images and masks from disk (or an upload's bytes: ``decode_image``) into [0, 1] tensors, and resize them
+under the pinned protocol.
 
 Every file problem becomes an ``ImageReadError`` that names the file and what is wrong with it. Truncated
 files are errors: Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off, and PNGs, which Pillow decodes without
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,13 @@ class ImageReadError(ValueError):
     """An image or mask file that cannot be read; the message names the file and the problem."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image with more pixels than the decoding limit (Pillow's decompression-bomb limit, or a caller's)."""
+
+
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _open(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode ``path``, turning every failure into an ``ImageReadError``."""
     path = Path(path)
@@ -49,46 +58,58 @@ def _open(path: str | os.PathLike) -> Image.Image:
         data = path.read_bytes()
     except OSError as err:
         raise ImageReadError(f"{path}: cannot read file ({err})") from err
+    return _decode(data, str(path))
+
+
+def _decode(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Fully decode an image file's bytes (the one decoding path of files and uploads); errors name ``name``."""
     if not data:
-        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+        raise ImageReadError(f"{name}: file is empty (0 bytes)")
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused, so that a huge or
-        # malicious file is an error naming it instead of a memory blow-up
-        with warnings.catch_warnings():
+        # malicious file is an error naming it instead of a memory blow-up. catch_warnings changes process-wide
+        # state, hence the lock: a server decodes uploads on several threads.
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageReadError(
-            f"{path}: image too large ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        raise ImageTooLargeError(
+            f"{name}: image too large ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
         ) from err
     except UnidentifiedImageError as err:
         raise ImageReadError(
-            f"{path}: not an image Pillow can identify (wrong format or corrupt header)"
+            f"{name}: not an image Pillow can identify (wrong format or corrupt header)"
         ) from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{path}: cannot open image ({err})") from err
+        raise ImageReadError(f"{name}: cannot open image ({err})") from err
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        # checked on the header, before the pixels are decoded
+        raise ImageTooLargeError(
+            f"{name}: image too large ({image.width}x{image.height} = {image.width * image.height} pixels; "
+            f"the limit is {max_pixels})"
+        )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{path}: truncated or corrupt {image.format} image ({err})") from err
+        raise ImageReadError(f"{name}: truncated or corrupt {image.format} image ({err})") from err
     if image.format == "PNG":
-        _check_png_complete(path, data)
+        _check_png_complete(name, data)
     if image.width == 0 or image.height == 0:
-        raise ImageReadError(f"{path}: image has zero size {image.width}x{image.height}")
+        raise ImageReadError(f"{name}: image has zero size {image.width}x{image.height}")
     return image
 
 
-def _check_png_complete(path: Path, data: bytes) -> None:
+def _check_png_complete(name: str, data: bytes) -> None:
     """Pillow stops reading a PNG after its pixel data; a file cut after that point still decodes."""
     if data.rfind(_PNG_IEND) < 0:
-        raise ImageReadError(f"{path}: truncated PNG (no complete IEND chunk at the end)")
+        raise ImageReadError(f"{name}: truncated PNG (no complete IEND chunk at the end)")
     try:
         Image.open(io.BytesIO(data)).verify()
     except Exception as err:  # noqa: BLE001 - verify raises assorted types for assorted damage
-        raise ImageReadError(f"{path}: corrupt PNG ({err})") from err
+        raise ImageReadError(f"{name}: corrupt PNG ({err})") from err
 
 
-def _to_unit_array(image: Image.Image, path: Path) -> np.ndarray:
+def _to_unit_array(image: Image.Image, path: str | Path) -> np.ndarray:
     """(H, W) or (H, W, C) float32 array in [0, 1], scaled by the storage type's range."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
@@ -136,7 +157,26 @@ def read_image(path: str | os.PathLike) -> Tensor:
             unsupported mode.
     """
     path = Path(path)
-    array = _to_unit_array(_open(path), path)
+    return _rgb_tensor(_to_unit_array(_open(path), path))
+
+
+def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None) -> Tensor:
+    """``read_image`` of a file's content already in memory (an upload): the same decoding, checks and scaling.
+
+    Args:
+        data: the bytes of an image file.
+        name: what error messages call it (e.g. the uploaded file's name).
+        max_pixels: refuse images with more pixels than this before decoding them (None: Pillow's
+            decompression-bomb limit only, ``PIL.Image.MAX_IMAGE_PIXELS``).
+
+    Raises:
+        ImageTooLargeError: over ``max_pixels`` or Pillow's limit (an ``ImageReadError``).
+        ImageReadError: empty, not an image, truncated or corrupt, or of an unsupported mode.
+    """
+    return _rgb_tensor(_to_unit_array(_decode(bytes(data), name, max_pixels), name))
+
+
+def _rgb_tensor(array: np.ndarray) -> Tensor:
     if array.ndim == 2:
         array = np.repeat(array[None], 3, axis=0)
     else:
