@@ -232,6 +232,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {detector.name} to {path} ({size:.1f} MB; uint8 RGB (batch, {detector.image_size}, "
           f"{detector.image_size}, 3) in; {checked})")
     print(_calibration_line(detector))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from omniad.serve import create_app, load_model, require_serve_dependencies, run
 
