@@ -387,3 +387,21 @@ def test_missing_extra_is_a_clear_error(monkeypatch, capsys, tmp_path):
 def test_static_files_are_in_the_package():
     static = Path(__import__("omniad.serve.app", fromlist=["STATIC"]).STATIC)
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}
+
+
+def test_serves_an_exported_file_with_the_torch_models_scores(detector, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from omniad.serve import load_model
+
+    detector.export(tmp_path / "m.onnx", format="onnx")
+    exported = load_model(tmp_path / "m.onnx")
+    blobs = {f"x{i}.png": image_bytes(10 + i) for i in range(3)}  # at the model's size: uint8 in, no resize
+    with TestClient(create_app(exported, max_upload_bytes=2**20, max_batch=12)) as onnx_client:
+        body = onnx_client.post("/predict", files=[upload(n, b) for n, b in blobs.items()]).json()
+        info = onnx_client.get("/model").json()
+    for name, data in blobs.items():
+        (tmp_path / name).write_bytes(data)
+    expected = detector.score(torch.cat([detector.preprocess(read_image(tmp_path / n)) for n in blobs]))
+    np.testing.assert_allclose([r["score"] for r in body["results"]], expected.image_scores.double().numpy(),
+                               rtol=1e-4)
+    assert info["threshold"] == pytest.approx(detector.threshold_)
