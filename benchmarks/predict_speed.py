@@ -2,8 +2,8 @@
 
 Fits PaDiM and PatchCore (1% coreset, the peer comparison's setting) on one type's training images, exports each
 to ONNX (and OpenVINO when installed), then times ``omniad.predict`` on that type's test files: torch reading on
-the calling thread (the path before the reader pool), torch with the reader pool, onnxruntime and OpenVINO with
-the reader pool. Every path must give the same decisions as torch. One warm-up pass per path, then the timed one.
+the calling thread (the default on a CPU), torch with one reader thread, onnxruntime and OpenVINO reading
+inline. Every path must give the same decisions as torch. One warm-up pass per path, then the timed one.
 
     python benchmarks/predict_speed.py --category kolektor --out benchmarks/results/predict-speed.md
 """
@@ -58,12 +58,13 @@ def main() -> None:
             detector = create_detector(method, weights="offline", image_size=args.image_size,
                                        batch_size=args.batch_size, progress=False, **params[method]).fit(train)
             detector.save(f"{tmp}/{method}")
-            paths = {"torch, reading inline": (f"{tmp}/{method}", 0), "torch": (f"{tmp}/{method}", None)}
+            paths = {"torch (reading inline, the CPU default)": (f"{tmp}/{method}", 0),
+                     "torch, 1 reader thread": (f"{tmp}/{method}", 1)}
             detector.export(f"{tmp}/{method}.onnx", format="onnx")
-            paths["onnxruntime"] = (f"{tmp}/{method}.onnx", None)
+            paths["onnxruntime"] = (f"{tmp}/{method}.onnx", 0)
             if importlib.util.find_spec("openvino") is not None:
                 detector.export(f"{tmp}/{method}.xml", format="openvino")
-                paths["OpenVINO"] = (f"{tmp}/{method}.xml", None)
+                paths["OpenVINO"] = (f"{tmp}/{method}.xml", 0)
             reference = None
             for name, (path, readers) in paths.items():
                 started = time.perf_counter()
