@@ -110,3 +110,46 @@ def test_torchrun_runs_the_command_line_and_rank_zero_writes(synthetic_root, tmp
     a, b = load_detector(tmp_path / "one").state_tensors(), load_detector(tmp_path / "two").state_tensors()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
+
+
+def _predict_worker(rank: int, world: int, port: int, model: str, folder: str, out: str) -> None:
+    from omniad import predict
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = predict(load_detector(model), folder, out)
+        torch.save([(r.path, r.score, r.anomalous) for r in result.results], f"{out}/../rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_predict_scores_every_image_once(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from omniad import predict
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(7):
+        pixels = (torch.rand(SIZE, SIZE, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_text("not an image")
+    detector = create_detector("padim", **{**COMMON, "calibration_fraction": 0.25}, **CASES["padim"]).fit(_images())
+    detector.save(tmp_path / "model")
+    one = predict(detector, folder, tmp_path / "one")
+    mp.spawn(_predict_worker, args=(2, _free_port(), str(tmp_path / "model"), str(folder), str(tmp_path / "two")),
+             nprocs=2, join=True)
+    rows = list(csv.DictReader(open(tmp_path / "two" / "results.csv")))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in folder.iterdir())  # every file once
+    assert [r["error"] != "" for r in rows].count(True) == 1
+    both = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert both[0] == both[1]  # every process returns the whole, ordered result
+    assert [p for p, _, _ in both[0]] == [r.path for r in one.results]
+    assert [s for _, s, _ in both[0]] == pytest.approx([r.score for r in one.results], rel=1e-5)
+    assert [d for _, _, d in both[0]] == [r.anomalous for r in one.results]
+    overlays = sorted(p.name for p in (tmp_path / "two" / "overlays").iterdir())
+    assert overlays == sorted(p.name for p in (tmp_path / "one" / "overlays").iterdir()) and len(overlays) == 7

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from omniad.calibration import Calibration
 from omniad.data.images import IMAGE_EXTENSIONS, ImageReadError, read_image, resize_image
+from omniad.distributed import is_main, world
 from omniad.report import _atomic_save, overlay_scale, save_overlay
 
 RESULT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
@@ -355,6 +356,8 @@ def predict(
     rule, source = decision_rule(calibration, threshold)
     out_path = None if out is None else Path(out)
     items, skipped = _items(detector, inputs, out_path)
+    rank, processes = world()
+    mine = items[rank::processes]  # under torchrun each process scores a strided share; results are gathered
     size = int(detector.image_size)
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
     show = getattr(detector, "progress", False) if progress is None else progress
@@ -374,7 +377,7 @@ def predict(
         if readers is None:
             on_gpu = str(getattr(detector, "device_", "cpu")).startswith("cuda")
             readers = min(4, os.cpu_count() or 1) if on_gpu else 0
-        chunks = _chunks(items, batch_size, show)
+        chunks = _chunks(mine, batch_size, show and is_main())
         for number, loaded in enumerate(_loaded_chunks(chunks, size, readers)):
             good, images = [], []
             for item, image, issue in loaded:
@@ -402,6 +405,8 @@ def predict(
                     maps=result.anomaly_maps.detach().float().cpu().numpy(),
                     overlays=np.array([i.overlay for i in good]),
                 )
+        if processes > 1:
+            names, scores, overlay_of, failed = _gather_in_order(items, names, scores, overlay_of, failed)
         _check_finite(names, scores)
         if not names:
             listed = "; ".join(f"{f.path}: {f.reason}" for f in failed)
@@ -423,9 +428,27 @@ def predict(
         out=out_path,
         image_size=size,
     )
-    if out_path is not None:
+    if out_path is not None and is_main():
         write_results(prediction, out_path)
     return prediction
+
+
+def _gather_in_order(items: list[_Item], *lists: list) -> tuple[list, ...]:
+    """Every process's results (names, scores, overlays, failures), joined in the order of ``items``."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world()[1]
+    dist.all_gather_object(gathered, lists)
+    position = {item.name: i for i, item in enumerate(items)}
+    names, scores, overlays, failed = ([] for _ in range(4))
+    for part_names, part_scores, part_overlays, part_failed in gathered:
+        names += part_names
+        scores += part_scores
+        overlays += part_overlays
+        failed += part_failed
+    order = sorted(range(len(names)), key=lambda i: position[names[i]])
+    failed.sort(key=lambda f: position.get(f.path, len(items)))
+    return [names[i] for i in order], [scores[i] for i in order], [overlays[i] for i in order], failed
 
 
 def _load(item: _Item, size: int) -> tuple[_Item, Tensor | None, InputIssue | None]:
@@ -484,7 +507,15 @@ def _check_finite(names: list[str], scores: list[float]) -> None:
 
 def _write_overlays(spill: Path, out: Path, threshold: float | None) -> None:
     parts = sorted(spill.glob("*.npz"))
-    vmin, vmax = overlay_scale(_stored_maps(parts), threshold)
+    if world()[1] > 1:  # one colour scale over every process's maps: their ranges, then the threshold
+        low, high = overlay_scale(_stored_maps(parts)) if parts else (math.inf, -math.inf)
+        ranges = [None] * world()[1]
+        import torch.distributed as dist
+
+        dist.all_gather_object(ranges, (low, high))
+        vmin, vmax = overlay_scale(np.array([v for pair in ranges for v in pair if math.isfinite(v)]), threshold)
+    else:
+        vmin, vmax = overlay_scale(_stored_maps(parts), threshold)
     for part in parts:
         with np.load(part) as stored:
             for image, amap, name in zip(stored["images"], stored["maps"], stored["overlays"], strict=True):
