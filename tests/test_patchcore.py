@@ -74,10 +74,10 @@ def test_aggregate_patches_shapes_and_local_average():
     f1, f2 = torch.rand(2, 4, 8, 8), torch.rand(2, 6, 4, 4)
     out = aggregate_patches([f1, f2], patch_size=3)
     assert out.shape == (2, 10, 8, 8)
-    # first stage: a 3x3 mean that ignores padding -> the interior equals a plain 3x3 average
+    # first stage: the interior is a plain 3x3 average
     torch.testing.assert_close(out[:, :4, 1:-1, 1:-1], F.avg_pool2d(f1, 3, stride=1))
-    # corner uses only the 4 real neighbours
-    torch.testing.assert_close(out[:, :4, 0, 0], f1[:, :, :2, :2].mean(dim=(2, 3)))
+    # a corner averages its 4 real neighbours with 5 zeros of padding, as PatchCore's reference code does
+    torch.testing.assert_close(out[:, :4, 0, 0], f1[:, :, :2, :2].sum(dim=(2, 3)) / 9)
     assert aggregate_patches([f1], patch_size=1).equal(f1)
 
 
