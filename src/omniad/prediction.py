@@ -338,10 +338,10 @@ def predict(
         progress: show a progress bar (default: ``detector.progress``).
         batch_size: images per ``score`` call (default: ``detector.batch_size``).
         readers: threads that decode and resize the next batches while the model scores this one; 0 reads on the
-            calling thread. Default: 0 when the model runs on the CPU (measured on 2 cores, PaDiM at 256 px: 32
-            images/s reading inline, 18-23 with 1-4 reader threads, which compete with the model's own threads),
-            at most 4 when it runs on a GPU, which leaves the CPU cores free to decode. At most two batches wait,
-            read, in memory.
+            calling thread. Default: 0 for a torch model on the CPU (measured on 2 cores, PaDiM at 256 px: 32
+            images/s reading inline, 18-23 with 1-4 reader threads, which compete with torch's own threads), the
+            model's ``default_readers`` when it has one (an exported file: 2), at most 4 on a GPU, which leaves the
+            CPU cores free to decode. At most two batches wait, read, in memory.
 
     Returns:
         A ``Prediction``: the scored images, the files that could not be read (with reasons), the threshold
@@ -374,9 +374,9 @@ def predict(
             # one batch however many images there are
             out_path.mkdir(parents=True, exist_ok=True)
             spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".predict-", dir=out_path)))
-        if readers is None:
+        if readers is None:  # the model's own preference (an exported file's runtime), else by device
             on_gpu = str(getattr(detector, "device_", "cpu")).startswith("cuda")
-            readers = min(4, os.cpu_count() or 1) if on_gpu else 0
+            readers = getattr(detector, "default_readers", min(4, os.cpu_count() or 1) if on_gpu else 0)
         chunks = _chunks(mine, batch_size, show and is_main())
         for number, loaded in enumerate(_loaded_chunks(chunks, size, readers)):
             good, images = [], []
