@@ -216,6 +216,12 @@ def test_cli_export_then_predict_gives_the_torch_models_csv(kind, fitted, synthe
     np.testing.assert_allclose([float(r["score"]) for r in file_rows], [float(r["score"]) for r in torch_rows],
                                rtol=RTOL, atol=0)
     assert all((tmp_path / "file" / r["overlay"]).is_file() for r in file_rows)
+    # omniad eval on the exported file reports what it reports on the torch model
+    for model, out in ((bundle, "eval-torch"), (file, "eval-file")):
+        assert main(["eval", "--model", str(model), "--data", str(synthetic_root), "--out", str(tmp_path / out)]) == 0
+    reports = [json.loads((tmp_path / out / "report.json").read_text()) for out in ("eval-torch", "eval-file")]
+    for key in ("image_auroc", "pixel_auroc", "false_alarm_rate"):
+        assert reports[1]["rows"]["mixed"][key] == pytest.approx(reports[0]["rows"]["mixed"][key], abs=1e-3)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

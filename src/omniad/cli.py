@@ -189,9 +189,9 @@ def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from omniad.io import load_detector
+    from omniad.export import load_model
 
-    detector = load_detector(args.model, device=args.device)
+    detector = load_model(args.model, device=args.device)  # a bundle folder, or an exported .onnx / .xml file
     print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
     _evaluate_and_write(detector, args, args.out)
     return 0
@@ -279,7 +279,8 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
             names = add_method_options(p, method)
 
     p = sub.add_parser("eval", help="evaluate a saved model on the test split (per category, mean, mixed)")
-    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`, or a file written by "
+                   "`omniad export` (.onnx, .xml)")
     p.add_argument("--out", help="folder for report.json and report.md")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
     add_data_options(p, train=False, test=True)
