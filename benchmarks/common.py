@@ -81,3 +81,11 @@ def scored_set(samples: Sequence[Sample], scores: AnomalyScores, pixels: bool = 
 def pct(value: Any) -> str:
     """A share as a percentage with one decimal ("n/a" for None, NaN or infinity)."""
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def publish(lines: Sequence[str], out: str | None) -> None:
+    """Print a Markdown result and write it to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)

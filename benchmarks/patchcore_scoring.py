@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import DEFAULT_DATA
+from common import DEFAULT_DATA, publish
 
 from omniad import create_detector
 from omniad.data import MVTecDataset
@@ -99,10 +98,7 @@ def main() -> None:
                      f"{100 * r['aupro']:.1f} | {r['fit_seconds']:.0f} | {r['images_per_second']:.1f} |")
     mean = {v: np.mean([r[v] for r in rows.values()]) for v in VARIANTS}
     lines.append("| mean | | | | " + " | ".join(f"{100 * mean[v]:.1f}" for v in VARIANTS) + " | | | |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

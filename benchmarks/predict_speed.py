@@ -15,11 +15,10 @@ import importlib.util
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import DEFAULT_DATA
+from common import DEFAULT_DATA, publish
 
 from omniad import create_detector, predict
 from omniad.data import MVTecDataset
@@ -85,10 +84,7 @@ def main() -> None:
         "| method | path | images/s | model load s | decisions equal to torch inline |",
         "|---|---|---:|---:|---:|",
     ] + [f"| {m} | {p} | {r:.1f} | {s:.2f} | {d} |" for m, p, r, s, d in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

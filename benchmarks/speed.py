@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEFAULT_DATA
+from common import DEFAULT_DATA, publish
 
 from omniad import create_detector, evaluate, predict
 from omniad.data import MVTecDataset
@@ -107,10 +107,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['category']} | {r['tool']} | {r['setting']} | {r['path']} | {r['fit_seconds']:.1f} | "
                      f"{r['images_per_second']:.1f} | {100 * r['image_auroc']:.1f} | {100 * r['aupro']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -297,3 +297,9 @@ def test_reader_threads_give_the_results_of_reading_inline(detector, tmp_path, m
     assert [r.score for r in ahead.results] == pytest.approx([r.score for r in inline.results], rel=1e-6)
     assert [(f.path, f.reason) for f in ahead.failed] == [(f.path, f.reason) for f in inline.failed]
     assert len(inline.results) == 13 and len(inline.failed) == 5
+
+
+@pytest.mark.parametrize("bad", [dict(readers=-1), dict(batch_size=-2)])
+def test_out_of_range_predict_settings_are_refused(detector, images, bad):
+    with pytest.raises(ValueError, match="batch_size >= 1 and readers >= 0"):
+        predict(detector, images, **bad)

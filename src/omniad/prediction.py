@@ -360,6 +360,8 @@ def predict(
     mine = items[rank::processes]  # under torchrun each process scores a strided share; results are gathered
     size = int(detector.image_size)
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
+    if batch_size < 1 or (readers is not None and readers < 0):
+        raise ValueError(f"predict needs batch_size >= 1 and readers >= 0, got {batch_size} and {readers}")
     show = getattr(detector, "progress", False) if progress is None else progress
     draw = overlays and out_path is not None
 
@@ -407,7 +409,7 @@ def predict(
                 )
         if processes > 1:
             names, scores, overlay_of, failed = _gather_in_order(items, names, scores, overlay_of, failed)
-        _check_finite(names, scores)
+        check_finite_scores(names, scores)
         if not names:
             listed = "; ".join(f"{f.path}: {f.reason}" for f in failed)
             raise ValueError(f"none of the {len(failed)} input files could be read: {listed}")
@@ -495,8 +497,10 @@ def _reason(err: Exception, path: Path) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else text
 
 
-def _check_finite(names: list[str], scores: list[float]) -> None:
-    bad = [name for name, score in zip(names, scores, strict=True) if not math.isfinite(score)]
+def check_finite_scores(names: Sequence[str], scores: Sequence[float]) -> None:
+    """Refuse NaN or infinite image scores, naming the images (predict and the service alike): no decision can
+    be made on them, so nothing is written or answered."""
+    bad = [name for name, score in zip(names, scores, strict=True) if not math.isfinite(float(score))]
     if bad:
         shown = ", ".join(bad[:_SHOWN]) + (f", ... ({len(bad)} in all)" if len(bad) > _SHOWN else "")
         raise ValueError(

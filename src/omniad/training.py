@@ -139,13 +139,15 @@ def train(
     return history
 
 
-def epoch_means(history: list[float], sizes: list[int], steps_per_epoch: int) -> list[float]:
-    """Per-epoch mean of per-step losses weighted by the batch sizes."""
-    out = []
-    for start in range(0, len(history), steps_per_epoch):
-        h, s = history[start : start + steps_per_epoch], sizes[start : start + steps_per_epoch]
-        out.append(sum(v * n for v, n in zip(h, s)) / sum(s))
-    return out
+def epoch_means(history: list[float], n: int, batch_size: int) -> list[float]:
+    """Per-epoch means of the per-step losses of ``epoch_batches(n, batch_size, ...)``, weighted by batch size
+    (the last batch of an epoch may be smaller)."""
+    sizes = [len(chunk) for chunk in torch.arange(n).split(batch_size)]
+    steps = len(sizes)
+    return [
+        sum(v * b for v, b in zip(history[start : start + steps], sizes)) / n
+        for start in range(0, len(history), steps)
+    ]
 
 
 __all__ = ["batch_indices", "epoch_batches", "epoch_means", "progress_bar", "train"]

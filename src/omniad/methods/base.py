@@ -223,12 +223,16 @@ class BaseDetector:
     # ----------------------------------------------------------------- the lifecycle
     def prepare(self) -> BaseDetector:
         """Resolve the hyper-parameters, pick the device and build the frozen part (idempotent within a fit)."""
+        self._set_up(pretrained=True)
+        return self
+
+    def _set_up(self, pretrained: bool) -> None:
+        """What fit (``prepare``) and load (``rebuild``) share: resolved parameters, device, frozen part."""
         self.resolved_ = as_namespace(self.resolved_params())
         self.device_ = resolve_device(self.device)
         if self.device_.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {self.device!r} was asked for, but this machine has no CUDA device")
-        self.build_frozen(pretrained=True)
-        return self
+        self.build_frozen(pretrained)
 
     def build_frozen(self, pretrained: bool) -> None:
         """Build the frozen feature extractor (``backbone_``); ``pretrained=False`` when a bundle will fill it."""
@@ -463,11 +467,7 @@ class BaseDetector:
 
     def rebuild(self, meta: dict[str, Any]) -> None:
         """Recreate the fitted structure from a bundle's ``meta`` (untrained weights) and restore its calibration."""
-        self.resolved_ = as_namespace(self.resolved_params())
-        self.device_ = resolve_device(self.device)
-        if self.device_.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {self.device!r} was asked for, but this machine has no CUDA device")
-        self.build_frozen(pretrained=False)
+        self._set_up(pretrained=False)
         self.build(meta)
         saved = meta.get("calibration")
         self.calibration_ = None if saved is None else Calibration.from_dict(saved, f"{self.name} calibration")

@@ -32,14 +32,15 @@ DECISION_COLUMNS = [
 AGGREGATE_ROWS = ("mean", "mixed")
 
 
-def _clean(value: Any) -> Any:
-    """JSON-able copy: nan/inf -> None, numpy scalars/arrays -> Python values."""
+def json_values(value: Any) -> Any:
+    """JSON-able copy: nan/inf -> None, numpy scalars/arrays -> Python values, tuples -> lists (reports and the
+    service's answers)."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_values(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return json_values(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -111,11 +112,11 @@ class Report:
 
     def to_dict(self, include_scores: bool = False) -> dict[str, Any]:
         """Rows and meta as JSON-able values (nan -> None); per-image data only when ``include_scores``."""
-        out: dict[str, Any] = {"meta": _clean(self.meta), "rows": _clean(self.rows)}
+        out: dict[str, Any] = {"meta": json_values(self.meta), "rows": json_values(self.rows)}
         if include_scores:
             out["images"] = {
-                "scores": _clean(np.asarray(self.scores, dtype=np.float64)),
-                "labels": _clean(np.asarray(self.labels)),
+                "scores": json_values(np.asarray(self.scores, dtype=np.float64)),
+                "labels": json_values(np.asarray(self.labels)),
                 "categories": list(self.categories),
                 "defect_types": list(self.defect_types),
                 "paths": list(self.paths),
@@ -131,7 +132,7 @@ class Report:
         m = self.meta
         lines = [f"# omniad evaluation: {m.get('detector', '?')}", ""]
         facts = [
-            ("detector", f"{m.get('detector')} {json.dumps(_clean(m.get('params', {})), sort_keys=True)}"),
+            ("detector", f"{m.get('detector')} {json.dumps(json_values(m.get('params', {})), sort_keys=True)}"),
             ("backbone", m.get("backbone")),
             ("weights", m.get("weights_source")),
             ("image size", m.get("image_size")),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import os
 import queue
 import threading
@@ -25,6 +24,8 @@ import torch
 from torch import Tensor
 
 from omniad.data.images import ImageReadError, ImageTooLargeError, decode_image
+from omniad.metrics.result import json_values
+from omniad.prediction import check_finite_scores
 from omniad.report import overlay_heatmap, overlay_scale
 
 # base parameters that make the image score from the raw map (what an exported model must reproduce)
@@ -65,7 +66,7 @@ def model_info(detector: Any) -> dict[str, Any]:
     metadata = getattr(detector, "metadata", None)
     categories = getattr(detector, "categories_", None) or getattr(detector, "categories", None) or (
         metadata.get("categories") if isinstance(metadata, dict) else None)
-    return _json_safe({
+    return json_values({
         "name": detector.name,
         "model_class": f"{type(detector).__module__}.{type(detector).__qualname__}",
         "backbone": getattr(detector, "backbone", None),
@@ -105,17 +106,6 @@ def protocol(detector: Any) -> dict[str, Any] | None:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    """JSON has no NaN or infinity: None in their place; tuples become lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def prepare_upload(detector: Any, data: bytes, filename: str, max_pixels: int | None = None) -> Tensor:
     """An uploaded file's bytes -> the model's (3, image_size, image_size) input, read as ``read_image`` reads
     files and checked and resized by the model's own ``preprocess``.
@@ -152,9 +142,7 @@ def predict_payload(detector: Any, names: list[str], images: Tensor, scores: np.
         ValueError: a score is NaN or infinite (``Calibration.decide`` refuses to decide on it), naming the files.
     """
     calibration = getattr(detector, "calibration_", None)
-    bad = [name for name, score in zip(names, scores, strict=True) if not math.isfinite(float(score))]
-    if bad:
-        raise ValueError(f"the model gave NaN or infinite scores for {', '.join(bad)}: no decision can be made")
+    check_finite_scores(names, scores)
     threshold = None if calibration is None else float(calibration.threshold)
     decisions: list[bool | None] = [None] * len(names)
     if calibration is not None:

@@ -292,8 +292,7 @@ class PMAD(BaseDetector):
             self.net_, optimizer, epoch_batches(n_img, batch, r.epochs, generator), loss_of_batch, total=total,
             desc="PMAD training", progress=self.progress, grad_clip=r.grad_clip, scheduler=scheduler,
         )
-        sizes = [len(c) for c in torch.arange(n_img).split(batch)] * r.epochs
-        self.loss_history_: list[float] = epoch_means(history, sizes, steps_per_epoch)
+        self.loss_history_: list[float] = epoch_means(history, n_img, batch)
 
     # ----------------------------------------------------------------- scoring
     @torch.no_grad()

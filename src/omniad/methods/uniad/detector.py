@@ -255,8 +255,7 @@ class UniAD(BaseDetector):
             total=r.epochs * steps_per_epoch, desc="UniAD training", progress=self.progress,
             grad_clip=r.grad_clip, scheduler=scheduler, steps_per_epoch=steps_per_epoch, on_epoch=on_epoch,
         )
-        sizes = [len(c) for c in torch.arange(n).split(batch)] * r.epochs
-        self.loss_history_: list[float] = epoch_means(history, sizes, steps_per_epoch)
+        self.loss_history_: list[float] = epoch_means(history, n, batch)
 
     def score_features(self, features: Tensor) -> Tensor:
         return self.net_.anomaly_map(features)
