@@ -89,3 +89,14 @@ def publish(lines: Sequence[str], out: str | None) -> None:
     print(text)
     if out:
         Path(out).write_text(text)
+
+
+def peak_rss_mib(pid: int | str = "self") -> float | None:
+    """A process's peak resident set size (VmHWM; exec starts it afresh), in MiB; None where /proc is not there."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import peak_rss_mib
 
 # the backbone stages omniad uses: PaDiM timm indices 1, 2, 3; PatchCore 2, 3 (tf_efficientnet_lite0's modules)
 LAYERS = {"padim": ["blocks.1", "blocks.2", "blocks.4"], "patchcore": ["blocks.2", "blocks.4"]}
@@ -91,6 +92,7 @@ def main() -> None:
         "images_per_second": len(names) / predict_seconds,
         "image_auroc": image_auroc(labels, torch.cat(scores).numpy()),
         "aupro": aupro(masks, amaps.numpy()),
+        "memory": peak_rss_mib(),
     }))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from common import peak_rss_mib
 
 import omniad
 from omniad.data.synthetic import make_synthetic_dataset
@@ -84,17 +85,6 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float, log: Path) ->
             pass
         time.sleep(0.2)
     raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    """The process's peak resident set size (VmHWM), in MiB; None where /proc is not there."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_load(url: str, images: list[tuple[str, bytes]], requests: int, concurrency: int,

@@ -1,12 +1,15 @@
-"""omniad against the peer (anomalib) in one run, same machine and data: fit time, predict throughput from image
-files on disk to decisions, image AUROC and AU-PRO per type, for PaDiM and PatchCore (1% coreset).
+"""omniad against the peer (anomalib) in one run, same machine and data: fit time with 1 and N processes, predict
+throughput from image files on disk to decisions on every path (torch, onnxruntime, OpenVINO f32, OpenVINO bf16),
+peak memory of each step, and image AUROC and AU-PRO per type, for PaDiM and PatchCore (1% coreset).
 
-omniad side: the method fitted per type (as the peer's per-type models), `omniad.predict` on the type's test files
-with the torch model and with its ONNX export (onnxruntime), and `evaluate` for the metrics. Peer side:
-``benchmarks/peer_anomalib.py`` run by ``--peer-python`` (a venv where ``pip install anomalib`` was run), with
-omniad's offline weights for the same backbone. Both sides: tf_efficientnet_lite0, 256 px, batch 16.
+Each fit and each predict runs in a process of its own, started by this script, and reports its own peak resident
+memory (VmHWM), so that the memory is that step's alone. omniad side: ``omniad fit`` per type (as the peer's per-type
+models; under ``torchrun`` for N processes), ``evaluate`` for the metrics, ``omniad.predict`` (what ``omniad
+predict`` runs) on the type's test files after one warm-up batch. Peer side: ``benchmarks/peer_anomalib.py`` run by
+``--peer-python`` (a venv where ``pip install anomalib`` was run), with omniad's offline weights for the same
+backbone. Both sides: tf_efficientnet_lite0, 256 px, batch 16.
 
-    python benchmarks/speed.py --categories kolektor --peer-python /tmp/peer/bin/python \\
+    python benchmarks/speed.py --categories kolektor --processes 1 2 --peer-python /tmp/peer/bin/python \\
         --out benchmarks/results/speed.md
 """
 
@@ -21,69 +24,157 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from common import DEFAULT_DATA, publish
+from common import DEFAULT_DATA, peak_rss_mib, publish
 
-from omniad import create_detector, evaluate, predict
+from omniad import evaluate
 from omniad.data import MVTecDataset
-from omniad.export import load_model
+from omniad.export import ExportedDetector, export_detector, load_model
 from omniad.weights import offline_cache_path
 
-SETTINGS = {  # (method, label) -> parameters; PatchCore also with the measured better image score
-    ("padim", "PaDiM"): {},
-    ("patchcore", "PatchCore, paper's score"): {"coreset_ratio": 0.01},
-    ("patchcore", "PatchCore, top-1% score"): {"coreset_ratio": 0.01, "image_pooling": "top1"},
+SETTINGS = {  # label -> (method, parameters beyond the common ones); PatchCore also with the measured better score
+    "PaDiM": ("padim", {}),
+    "PatchCore, paper's score": ("patchcore", {}),
+    "PatchCore, top-1% score": ("patchcore", {"image_pooling": "top1"}),
+}
+PATHS = {  # predict path -> (model file in the fit folder, load_model precision)
+    "torch": ("model", "f32"),
+    "onnxruntime": ("model.onnx", "f32"),
+    "OpenVINO f32": ("model.xml", "f32"),
+    "OpenVINO bf16": ("model.xml", "bf16"),
 }
 
 
+def run_child(command: list[str]) -> list[dict]:
+    """Run ``command`` (this script in a child mode, perhaps under torchrun); the JSON lines it printed."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def child_fit(method: str, options: list[str], category: str, data: str, out: str) -> None:
+    """In a process of its own (one rank of several under torchrun): fit on the type's training images and save;
+    print the fit time and this process's peak memory as one JSON line."""
+    from omniad import create_detector
+    from omniad.distributed import init_from_env, is_main
+
+    init_from_env("cpu")
+    params = {"coreset_ratio": 0.01} if method == "patchcore" else {}
+    params.update(json.loads(options) if options else {})
+    train = MVTecDataset(data, categories=[category], split="train", image_size=256)
+    started = time.perf_counter()
+    detector = create_detector(method, weights="offline", image_size=256, batch_size=16, progress=False,
+                              **params).fit(train)
+    seconds = time.perf_counter() - started
+    if is_main():
+        detector.save(out)
+    print(json.dumps({"fit_seconds": seconds, "memory": peak_rss_mib()}))
+
+
+def child_predict(model: str, precision: str, files_list: str) -> None:
+    """In a process of its own: load ``model``, predict the listed files once to warm up and once timed; print the
+    throughput and the scores as one JSON line."""
+    from omniad import predict
+
+    files = json.loads(Path(files_list).read_text())
+    detector = ExportedDetector.load(model, precision=precision) if precision != "f32" else load_model(model)
+    predict(detector, files[:16], progress=False)
+    started = time.perf_counter()
+    result = predict(detector, files, progress=False)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"images_per_second": len(files) / seconds, "memory": peak_rss_mib(),
+                      "scores": [r.score for r in result.results],
+                      "decisions": [bool(r.anomalous) for r in result.results]}))
+
+
+def fit_command(method: str, params: dict, category: str, data: str, out: str, processes: int) -> list[str]:
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    return launcher + [__file__, "--child-fit", method, "--params", json.dumps(params), "--category", category,
+                       "--data", data, "--model-out", out]
+
+
 def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]:
-    train = MVTecDataset(args.data, categories=[category], split="train", image_size=256)
     test = MVTecDataset(args.data, categories=[category], split="test", image_size=256)
-    files = [str(r.path) for r in test.samples]
+    files_list = Path(tmp) / "files.json"
+    files_list.write_text(json.dumps([str(r.path) for r in test.samples]))
     rows = []
-    for (method, label), params in SETTINGS.items():
-        started = time.perf_counter()
-        detector = create_detector(method, weights="offline", image_size=256, batch_size=16, progress=False,
-                                   **params).fit(train)
-        fit_seconds = time.perf_counter() - started
+    for label, (method, options) in SETTINGS.items():
+        fitted = {}
+        for processes in args.processes:
+            folder = Path(tmp) / f"{method}-{len(rows)}-{processes}"
+            ranks = run_child(fit_command(method, options, category, args.data, str(folder / "model"), processes))
+            fitted[processes] = (folder, max(r["fit_seconds"] for r in ranks), max(r["memory"] for r in ranks))
+        folder, fit_seconds, fit_memory = fitted[args.processes[0]]
+        detector = load_model(folder / "model")
         report = evaluate(detector, test, progress=False)
-        detector.export(f"{tmp}/{method}.onnx", format="onnx")
-        for path, model in (("torch", detector), ("onnxruntime", load_model(f"{tmp}/{method}.onnx"))):
-            predict(model, files[:16], progress=False)  # warm-up
-            started = time.perf_counter()
-            predict(model, files, progress=False)
-            seconds = time.perf_counter() - started
-            rows.append({"tool": "omniad", "setting": label, "path": path, "category": category,
-                         "fit_seconds": fit_seconds, "images_per_second": len(files) / seconds,
-                         "image_auroc": report.rows[category]["image_auroc"],
-                         "aupro": report.rows[category]["pixel_aupro"]})
-            print(rows[-1], flush=True)
+        images = torch.stack([sample.image for sample in test]) if args.processes[1:] else None
+        for other in args.processes[1:]:  # the same model from N processes? the largest image-score difference
+            difference = load_model(fitted[other][0] / "model").score(images).image_scores - detector.score(
+                images).image_scores
+            fitted[other] += (float(difference.abs().max()),)
+        export_detector(detector, folder / "model.onnx", format="onnx")
+        export_detector(detector, folder / "model.xml", format="openvino")
+        reference = None
+        for path, (file, precision) in PATHS.items():
+            measured, = run_child([sys.executable, __file__, "--child-predict", str(folder / file),
+                                   "--precision", precision, "--files-list", str(files_list)])
+            scores, decisions = np.array(measured["scores"]), np.array(measured["decisions"])
+            if reference is None:
+                reference = (scores, decisions)
+            row = {"tool": "omniad", "setting": label, "path": path, "category": category,
+                   "fit_seconds": fit_seconds, "fit_memory": fit_memory,
+                   "images_per_second": measured["images_per_second"], "predict_memory": measured["memory"],
+                   "image_auroc": report.rows[category]["image_auroc"], "aupro": report.rows[category]["pixel_aupro"],
+                   "score_change": float(np.max(np.abs(scores - reference[0]) / np.abs(reference[0]).max())),
+                   "same_decisions": int((decisions == reference[1]).sum()), "n": len(decisions),
+                   "scaling": {p: fitted[p][1:] for p in args.processes[1:]}}
+            rows.append(row)
+            print({k: v for k, v in row.items()}, flush=True)
     return rows
 
 
 def peer_rows(category: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for method, label in (("padim", "PaDiM"), ("patchcore", "PatchCore, paper's score")):
-        out = subprocess.run(
+        result, = run_child(
             [args.peer_python, str(Path(__file__).with_name("peer_anomalib.py")), "--data", args.data,
-             "--category", category, "--method", method, "--weights", str(offline_cache_path("tf_efficientnet_lite0"))],
-            capture_output=True, text=True, check=False, timeout=7200)
-        if out.returncode != 0:
-            raise SystemExit(f"the peer failed on {category} {method}:\n{out.stderr[-3000:]}")
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"tool": "anomalib", "setting": label, "path": "engine.predict(data_path)", **result})
+             "--category", category, "--method", method, "--weights", str(offline_cache_path("tf_efficientnet_lite0"))])
+        rows.append({"tool": "anomalib", "setting": label, "path": "engine.predict(data_path)", **result,
+                     "fit_memory": result["memory"], "predict_memory": None})
         print(rows[-1], flush=True)
     return rows
+
+
+def mib(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--categories", nargs="+", default=["kolektor"])
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2],
+                        help="process counts to fit with (torchrun for more than 1); the first one's model is "
+                             "evaluated and exported")
     parser.add_argument("--peer-python", help="python of an environment with anomalib (the peer is skipped without)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--child-predict", help=argparse.SUPPRESS)
+    parser.add_argument("--child-fit", help=argparse.SUPPRESS)
+    parser.add_argument("--params", help=argparse.SUPPRESS)
+    parser.add_argument("--category", help=argparse.SUPPRESS)
+    parser.add_argument("--model-out", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="f32", help=argparse.SUPPRESS)
+    parser.add_argument("--files-list", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_predict:
+        return child_predict(args.child_predict, args.precision, args.files_list)
+    if args.child_fit:
+        return child_fit(args.child_fit, args.params, args.category, args.data, args.model_out)
     load_before = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for category in args.categories:
@@ -97,16 +188,31 @@ def main() -> None:
         f"tf_efficientnet_lite0 with omniad's offline ImageNet weights on both sides, 256 px, batch 16, PaDiM (stages "
         f"1-3, 100 features) and PatchCore (stages 2-3, 1% coreset). {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, python {sys.version.split()[0]}; load average "
-        f"before {load_before}, after {load_after}. Predict = from image files on disk to decisions (omniad: "
-        "`omniad.predict`, what `omniad predict` runs; anomalib: `Engine.predict(data_path=...)`), one warm-up "
-        "pass for omniad. omniad holds 10% of the training images out for its threshold; anomalib trains on all.",
+        f"before {load_before}, after {load_after}; {time.perf_counter() - started:.0f} s in all. Predict = from "
+        "image files on disk to decisions (omniad: `omniad.predict`, what `omniad predict` runs, after one warm-up "
+        "batch; anomalib: `Engine.predict(data_path=...)`). Every fit and predict runs in a process of its own; "
+        "memory = its peak resident set (MiB; the peer's fit and predict share one process). Score change = the "
+        "largest score difference to the torch path, relative to the largest score. omniad holds 10% of the "
+        "training images out for its threshold; anomalib trains on all.",
         "",
-        "| type | tool | setting | predict path | fit s | predict img/s | image AUROC | AU-PRO |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| type | tool | setting | predict path | fit s | fit MiB | predict img/s | predict MiB | score change | "
+        "same decisions | image AUROC | AU-PRO |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        change = f"{r['score_change']:.1e}" if "score_change" in r else ""
+        same = f"{r['same_decisions']}/{r['n']}" if "same_decisions" in r else ""
         lines.append(f"| {r['category']} | {r['tool']} | {r['setting']} | {r['path']} | {r['fit_seconds']:.1f} | "
-                     f"{r['images_per_second']:.1f} | {100 * r['image_auroc']:.1f} | {100 * r['aupro']:.1f} |")
+                     f"{mib(r['fit_memory'])} | {r['images_per_second']:.1f} | {mib(r['predict_memory'])} | {change} | "
+                     f"{same} | {100 * r['image_auroc']:.1f} | {100 * r['aupro']:.1f} |")
+    scaling = [(r["category"], r["setting"], p, v) for r in rows if r["tool"] == "omniad" and r["path"] == "torch"
+               for p, v in r["scaling"].items()]
+    if scaling:
+        lines += ["", f"Fit with several processes (torchrun, gloo; against {args.processes[0]} process):", "",
+                  "| type | setting | processes | fit s | fit MiB (largest rank) | largest image-score difference |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for category, setting, processes, (seconds, memory, difference) in scaling:
+            lines.append(f"| {category} | {setting} | {processes} | {seconds:.1f} | {memory:.0f} | {difference:.1e} |")
     publish(lines, args.out)
 
 
