@@ -153,14 +153,19 @@ class Report:
             ("threshold", f"{m.get('threshold')} ({m.get('threshold_source')})"),
         ]
         lines += [f"- **{k}**: {v}" for k, v in facts]
+        setting = m.get("setting")
+        if setting:
+            lines += ["", f"**Setting.** {setting.get('description', '')}"]
         lines += ["", f"**Protocol.** {m.get('protocol', '')}", ""]
         if m.get("notes"):
             lines += [f"**Note.** {note}" for note in m["notes"]] + [""]
 
         lines.append("## Threshold-free metrics (%)")
         lines.append("")
-        head = ["category", "normal", "defective"] + [title for _, title in RANKING_COLUMNS]
-        lines += _table(head, self._table_rows(RANKING_COLUMNS, counts=True))
+        # image-level sets (novelty protocols) have no pixel keys: no columns of n/a
+        columns = [(key, title) for key, title in RANKING_COLUMNS if any(key in row for row in self.rows.values())]
+        head = ["normal class" if setting else "category", "normal", "defective"] + [title for _, title in columns]
+        lines += _table(head, self._table_rows(columns, counts=True))
         lines += [
             "",
             f"## Decisions at one threshold for all categories: score > {m.get('threshold')} (%)",
