@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from omniad.data.labelled import LabelledImages
+from omniad.data.labelled import LabelledImages, read_labelled
 from omniad.types import Sample
 
 PROTOCOLS = ("uni-class", "multi-class", "leave-one-out", "multi-object")
@@ -170,12 +170,13 @@ def novelty_split(train: LabelledImages, test: LabelledImages | None, normal: Se
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     normal = _check_classes(normal, train.class_names, "normal classes", train)
     normal_set = set(normal)
-    rng = np.random.default_rng(seed)
+    # one stream per use, so that the test subsample is the same whichever classes are normal
+    hold_rng, train_rng, test_rng = (np.random.default_rng([seed, k]) for k in range(3))
     train_normal = [i for i, labels in enumerate(train.labels) if labels & normal_set]
     if test is None:
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        order = rng.permutation(len(train_normal))
+        order = hold_rng.permutation(len(train_normal))
         n_test = int(round(test_fraction * len(train_normal)))
         held = {train_normal[k] for k in order[:n_test].tolist()}
         test_index = sorted(held | {i for i, labels in enumerate(train.labels) if not labels & normal_set})
@@ -183,8 +184,8 @@ def novelty_split(train: LabelledImages, test: LabelledImages | None, normal: Se
         test = train
     else:
         test_index = list(range(len(test)))
-    train_index = _cap(train_normal, train, max_train_per_class, rng)
-    test_index = _cap(test_index, test, max_test_per_class, rng)
+    train_index = _cap(train_normal, train, max_train_per_class, train_rng)
+    test_index = _cap(test_index, test, max_test_per_class, test_rng)
     if not train_index:
         raise ValueError(f"{train.name}: no training image holds a normal class {normal}")
     targets = [0 if test.labels[i] & normal_set else 1 for i in test_index]
@@ -280,6 +281,23 @@ def build_protocol(protocol: str, train: LabelledImages, test: LabelledImages | 
     raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
 
 
+def load_protocol(data_format: str, root: str, protocol: str, image_size: int | tuple[int, int] | None = 256,
+                  **options: Any) -> NoveltyProtocol:
+    """Read a labelled set from disk and build a protocol on it: ``read_labelled`` then ``build_protocol``.
+
+    Args:
+        data_format: ``folders`` or ``idx`` (train and test splits), or ``coco`` (one annotated set: the
+            multi-object protocol holds out a share of its normal images for the test).
+        root: the data folder (for COCO: the folder with ``annotations/`` and ``images/``, or the JSON file).
+        protocol: one of ``PROTOCOLS``.
+        image_size: side the images are resized to.
+        options: ``build_protocol``'s options (normal, split, held_out, caps, test_fraction, seed).
+    """
+    train = read_labelled(data_format, root, "train", image_size)
+    test = None if data_format == "coco" else read_labelled(data_format, root, "test", image_size)
+    return build_protocol(protocol, train, test, **options)
+
+
 def _need(test: LabelledImages | None, protocol: str) -> LabelledImages:
     if test is None:
         raise ValueError(f"the {protocol} protocol needs a test split (data with train and test)")
@@ -294,6 +312,7 @@ __all__ = [
     "NoveltyTestSet",
     "build_protocol",
     "leave_one_out",
+    "load_protocol",
     "multi_class",
     "multi_object",
     "novelty_split",
