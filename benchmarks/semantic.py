@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if setting in ("uni-class", "leave-one-out") and len(rows) > 1:
             means = [pct(float(np.mean([results[setting, r, m]["auroc"] for r in rows]))) for m in labels]
             paper = PAPER.get(f"{setting} mean")
-            out.append(f"| **mean** | " + " | ".join(means) + f" | {paper if paper else ''} |")
+            out.append("| **mean** | " + " | ".join(means) + f" | {paper if paper else ''} |")
         return out + [""]
 
     fashion = dict(zip([str(k) for k in range(10)], FASHION_MNIST_CLASSES, strict=True))
