@@ -11,7 +11,7 @@ Settings, every method under the same protocol (``omniad.data.novelty``), image-
   * COCO128 (../shared/data/multi-object/coco128): multi-object, normal = images containing a person; half of the
     normal images (seeded) are held out for the test with every image without a person.
 CPU setting (explicit options): images resized to ``--image-size`` (default 64), seeded caps of
-``--max-train-per-class`` / ``--max-test-per-class`` images per class (default 50 / 30: the same 300 test
+``--max-train-per-class`` / ``--max-test-per-class`` images per class (default 20 / 15: the same 150 test
 images in every Fashion-MNIST run), the backbone's offline EfficientNet-Lite ImageNet weights (no ViT weights
 here; the paper's teacher is a ViT-B/16), no threshold calibration (every training image is trained on).
 A method name ``X+defend`` is method ``X`` with ``defend=True``; ``--param X.key=value`` sets a parameter of
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fashion", default=str(SHARED / "semantic" / "fashion-mnist"))
     parser.add_argument("--coco", default=str(SHARED / "multi-object" / "coco128"))
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--max-train-per-class", type=int, default=50)
-    parser.add_argument("--max-test-per-class", type=int, default=30)
+    parser.add_argument("--max-train-per-class", type=int, default=20)
+    parser.add_argument("--max-test-per-class", type=int, default=15)
     parser.add_argument("--weights", default="offline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/semantic.md")
