@@ -11,7 +11,7 @@ Settings, every method under the same protocol (``omniad.data.novelty``), image-
   * COCO128 (../shared/data/multi-object/coco128): multi-object, normal = images containing a person; half of the
     normal images (seeded) are held out for the test with every image without a person.
 CPU setting (explicit options): images resized to ``--image-size`` (default 64), seeded caps of
-``--max-train-per-class`` / ``--max-test-per-class`` images per class (default 20 / 15: the same 150 test
+``--max-train-per-class`` / ``--max-test-per-class`` images per class (default 100 / 50: the same 500 test
 images in every Fashion-MNIST run), the backbone's offline EfficientNet-Lite ImageNet weights (no ViT weights
 here; the paper's teacher is a ViT-B/16), no threshold calibration (every training image is trained on).
 A method name ``X+defend`` is method ``X`` with ``defend=True``; ``--param X.key=value`` sets a parameter of
@@ -97,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fashion", default=str(SHARED / "semantic" / "fashion-mnist"))
     parser.add_argument("--coco", default=str(SHARED / "multi-object" / "coco128"))
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--max-train-per-class", type=int, default=20)
-    parser.add_argument("--max-test-per-class", type=int, default=15)
+    parser.add_argument("--max-train-per-class", type=int, default=100)
+    parser.add_argument("--max-test-per-class", type=int, default=50)
     parser.add_argument("--weights", default="offline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core CPU, 2 threads fight and run slower)")
     parser.add_argument("--out", default="benchmarks/results/semantic.md")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     overrides: dict[str, dict] = {}
     for key, value in parse_params(args.param).items():
