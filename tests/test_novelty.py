@@ -123,7 +123,8 @@ def test_report_is_image_level_names_the_protocol_and_keeps_rows():
     assert report.rows["mixed"]["image_auroc"] == 1.0
     markdown = report.to_markdown()
     assert "multi-class novelty" in markdown and "normal = {0, 1}" in markdown and "anomalous = {2, 3" in markdown
-    assert "P-AUROC" not in markdown and "AU-PRO" not in markdown and "I-AUROC" in markdown
+    header = next(line for line in markdown.splitlines() if "I-AUROC" in line)
+    assert "P-AUROC" not in header and "AU-PRO" not in header and "pixel" not in markdown.lower()
     assert report.to_dict()["meta"]["setting"]["protocol"] == "multi-class"
 
 
@@ -153,3 +154,12 @@ def test_cli_runs_a_protocol_on_idx_files(tmp_path, capsys):
     assert "--data-format idx needs --protocol" in capsys.readouterr().err
     assert main(["run", *args[:-1], "7", "--out", str(tmp_path / "x")]) == 2
     assert "unknown normal classes ['7']" in capsys.readouterr().err
+
+
+def test_categories_without_any_masks_get_no_pixel_columns():
+    from omniad.metrics import ScoredSet, report_from_scores
+
+    scored = ScoredSet(np.array([0.1, 0.9, 0.2, 0.8]), np.array([0, 1, 0, 1]), ["a", "a", "b", "b"],
+                       has_mask=np.zeros(4, bool))
+    header = next(line for line in report_from_scores(scored).to_markdown().splitlines() if "I-AUROC" in line)
+    assert "P-AUROC" not in header and "AU-PRO" not in header

@@ -168,6 +168,9 @@ def novelty_split(train: LabelledImages, test: LabelledImages | None, normal: Se
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    for name, cap in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
+        if cap is not None and (not isinstance(cap, int) or cap < 0):
+            raise ValueError(f"{name} must be a whole number >= 0 (0 or None: every image), got {cap!r}")
     normal = _check_classes(normal, train.class_names, "normal classes", train)
     normal_set = set(normal)
     # one stream per use, so that the test subsample is the same whichever classes are normal

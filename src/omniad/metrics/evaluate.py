@@ -226,6 +226,7 @@ def report_from_scores(scored: ScoredSet, calibration: Any = None, detector_meta
     everything = np.arange(n)
     rows["mixed"] = _row(scored.labels, scored.scores, everything, flagged,
                          _pixel_part(masks, maps, everything, has_mask))
+    rows["mixed"]["pixel_gt"] = bool(has_mask.any())
     if calibration is None:
         notes.append("the detector has no calibrated threshold: decision metrics are n/a")
     meta: dict[str, Any] = {"protocol": PROTOCOL, "fpr_limit": FPR_LIMIT, **(detector_meta or {})}

@@ -162,8 +162,10 @@ class Report:
 
         lines.append("## Threshold-free metrics (%)")
         lines.append("")
-        # image-level sets (novelty protocols) have no pixel keys: no columns of n/a
-        columns = [(key, title) for key, title in RANKING_COLUMNS if any(key in row for row in self.rows.values())]
+        # no pixel ground truth anywhere (novelty sets, image-level categories): no columns of n/a
+        pixel_gt = any(row.get("pixel_gt", True) for row in self.rows.values())
+        columns = [(key, title) for key, title in RANKING_COLUMNS
+                   if any(key in row for row in self.rows.values()) and (pixel_gt or not key.startswith("pixel_"))]
         head = ["normal class" if setting else "category", "normal", "defective"] + [title for _, title in columns]
         lines += _table(head, self._table_rows(columns, counts=True))
         lines += [
@@ -171,10 +173,12 @@ class Report:
             f"## Decisions at one threshold for all categories: score > {m.get('threshold')} (%)",
             "",
         ]
-        head = ["category"] + [title for _, title in DECISION_COLUMNS]
+        head = ["normal class" if setting else "category"] + [title for _, title in DECISION_COLUMNS]
         lines += _table(head, self._table_rows(DECISION_COLUMNS, counts=False))
         lines.append("")
         lines.append(
+            "n/a: undefined (one class missing, or no calibrated threshold). Rows: as the setting says."
+            if setting else
             "n/a: undefined (one class missing, no pixel ground truth, or no calibrated threshold). "
             "mean = mean over categories (unified setting); mixed = all categories pooled, one ranking "
             "and one threshold (absolute-unified setting)."
