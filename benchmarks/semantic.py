@@ -21,6 +21,7 @@ A method name ``X+defend`` is method ``X`` with ``defend=True``; ``--param X.key
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                   calibration_fraction=0.0)
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
                 seed=args.seed)
-    started_all = time.perf_counter()
+    started_all, load_start = time.perf_counter(), os.getloadavg()
 
     jobs: list[tuple[str, str, NoveltyProtocol]] = []  # (setting, row, protocol)
     if any(s != "multi-object" for s in settings):
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             means = [pct(float(np.mean([results[setting, r, m]["auroc"] for r in rows]))) for m in labels]
             paper = PAPER.get(f"{setting} mean")
             out.append("| **mean** | " + " | ".join(means) + f" | {paper if paper else ''} |")
-        return out + [""]
+        sizes = sorted({(p.setting.n_train, p.setting.n_test_normal, p.setting.n_test_anomalous)
+                        for s, _, p in jobs if s == setting})
+        return out + ["", "Images per run (training; test normal + anomalous): "
+                      + ", ".join(f"{a}; {b} + {c}" for a, b, c in sizes) + ".", ""]
 
     fashion = dict(zip([str(k) for k in range(10)], FASHION_MNIST_CLASSES, strict=True))
     split_text = {s: "{" + ",".join(map(str, v)) + "}" for s, v in SPLITS_5V5.items()}
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python {shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads (2-core CPU shared with other "
-        f"jobs), torch {torch.__version__}. Total wall time {total / 60:.1f} min.  ",
+        f"jobs), torch {torch.__version__}. Total wall time {total / 60:.1f} min; load average (1, 5, 15 min) "
+        f"{'/'.join(f'{x:.1f}' for x in load_start)} at the start, "
+        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.  ",
         f"CPU setting: {args.image_size} px (the 28 x 28 images upscaled), at most {args.max_train_per_class} "
         f"training and {args.max_test_per_class} test images per class (seeded, seed {args.seed}; Fashion-MNIST "
         "test set: the same images in every run), backbone "
