@@ -101,6 +101,50 @@ def add_data_options(parser: argparse.ArgumentParser, train: bool, test: bool) -
         group.add_argument("--cross-class", metavar="SPLIT",
                            help="a named cross-class split, e.g. 'magnetic_tile->kolektor' or "
                                 "'mvtec:textures->objects' (sets both category lists)")
+    add_novelty_options(parser)
+
+
+def add_novelty_options(parser: argparse.ArgumentParser) -> None:
+    """Labelled sets (class folders, MNIST IDX, COCO) and the semantic / multi-object novelty protocols."""
+    from omniad.data.novelty import PROTOCOLS, SPLITS_5V5
+
+    group = parser.add_argument_group("semantic and multi-object novelty (docs/datasets.md)")
+    group.add_argument("--data-format", choices=("mvtec", "folders", "idx", "coco"), default="mvtec",
+                       help="mvtec (default: defects, MVTec layout); folders (<root>/<split>/<class>/*.png); idx "
+                            "(MNIST / Fashion-MNIST files); coco (annotations/instances.json + images/)")
+    group.add_argument("--protocol", choices=PROTOCOLS,
+                       help="novelty protocol (needed with --data-format folders/idx/coco)")
+    group.add_argument("--normal-classes", "--normal-categories", dest="normal_classes", metavar="A,B",
+                       help="normal classes (uni-class: one; multi-class) or object categories (multi-object)")
+    group.add_argument("--split", choices=tuple(SPLITS_5V5), help="multi-class: a built-in 5-vs-5 split")
+    group.add_argument("--held-out", metavar="C", help="leave-one-out: the anomalous class")
+    group.add_argument("--max-train-per-class", type=int, metavar="N", default=100,
+                       help="at most N training images per class, a seeded subsample for CPU runs (default 100; "
+                            "0: every image); the report states it")
+    group.add_argument("--max-test-per-class", type=int, metavar="N", default=50,
+                       help="at most N test images per class, seeded (default 50; 0: every image)")
+    group.add_argument("--test-fraction", type=float, default=0.5,
+                       help="coco: share of the normal images held out for the test (default 0.5)")
+    group.add_argument("--subsample-seed", type=int, default=0, help="seed of the subsamples and hold-out (default 0)")
+
+
+def _novelty(args: argparse.Namespace, image_size: int):
+    """The novelty protocol the options ask for (None for MVTec-style data)."""
+    if args.data_format == "mvtec":
+        if args.protocol:
+            raise ValueError("--protocol needs --data-format folders, idx or coco")
+        return None
+    if not args.protocol:
+        raise ValueError(f"--data-format {args.data_format} needs --protocol (uni-class, multi-class, "
+                         "leave-one-out or multi-object)")
+    if len(args.data) != 1:
+        raise ValueError(f"--data-format {args.data_format} reads one --data folder, got {len(args.data)}")
+    from omniad.data.novelty import load_protocol
+
+    return load_protocol(args.data_format, args.data[0], args.protocol, image_size,
+                         normal=_categories(args.normal_classes), split=args.split, held_out=args.held_out,
+                         max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
+                         test_fraction=args.test_fraction, seed=args.subsample_seed)
 
 
 def _resolve_categories(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
@@ -138,11 +182,16 @@ def _fit(args: argparse.Namespace, names: list[str]):
 
     params = method_params(args, names)
     detector = create_detector(args.method, **params)
-    train_categories, _ = _resolve_categories(args)
-    train = _dataset(args.data, train_categories, "train", detector.image_size)
-    _print_skipped(train)
-    print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
-          f"(unified: no category labels)", file=sys.stderr)
+    novelty = _novelty(args, detector.image_size)
+    if novelty is not None:
+        train = novelty.train
+        print(f"fitting {args.method} on {len(train)} normal images; {novelty.setting.describe()}", file=sys.stderr)
+    else:
+        train_categories, _ = _resolve_categories(args)
+        train = _dataset(args.data, train_categories, "train", detector.image_size)
+        _print_skipped(train)
+        print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
+              f"(unified: no category labels)", file=sys.stderr)
     detector.fit(train)
     print(f"fitted in {detector.fit_seconds_:.1f} s; {_calibration_line(detector)}", file=sys.stderr)
     return detector
@@ -178,9 +227,13 @@ def cmd_fit(args: argparse.Namespace, names: list[str]) -> int:
 def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> None:
     from omniad.metrics import evaluate
 
-    _, test_categories = _resolve_categories(args)
-    test = _dataset(args.data, test_categories, "test", detector.image_size)
-    _print_skipped(test)
+    novelty = _novelty(args, detector.image_size)
+    if novelty is not None:
+        test = novelty.test  # the same seeded split as at fit time
+    else:
+        _, test_categories = _resolve_categories(args)
+        test = _dataset(args.data, test_categories, "test", detector.image_size)
+        _print_skipped(test)
     report = evaluate(detector, test, progress=detector.progress)
     print(report.to_markdown())
     if out:

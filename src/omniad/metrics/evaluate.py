@@ -33,6 +33,12 @@ PROTOCOL = (
     "false-alarm rate (no anomalies used)."
 )
 
+IMAGE_PROTOCOL = (
+    "Image level only (the test set has no masks): AUROC, AP, F1-max of the image scores, normal vs anomalous. "
+    "Decisions: flagged when score > threshold, one threshold set on normal images only at a target false-alarm "
+    "rate."
+)
+
 
 @dataclass
 class ScoredSet:
@@ -46,6 +52,8 @@ class ScoredSet:
         has_mask: (N,) whether the sample's category has pixel ground truth.
         categories, defect_types, paths: per-sample metadata.
         score_seconds: time spent in ``score`` (for the report's throughput).
+        setting: an image-level novelty setting (``omniad.data.novelty.NoveltySetting``) or None: when given,
+            it defines the report's rows and the report has no pixel metrics.
     """
 
     scores: np.ndarray
@@ -57,6 +65,7 @@ class ScoredSet:
     defect_types: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     score_seconds: float = 0.0
+    setting: Any = None
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
@@ -75,8 +84,11 @@ class ScoredSet:
 
 
 def score_set(detector: Any, dataset: Any, progress: bool = True, batch_size: int | None = None) -> ScoredSet:
-    """Score every sample of a labelled test set (dataset or list of ``Sample``) with a fitted detector."""
+    """Score every sample of a labelled test set (dataset or list of ``Sample``) with a fitted detector. A dataset
+    with a ``setting`` (a novelty test set) is image-level: its maps are not kept."""
     from omniad.data.sources import iterate_samples
+
+    setting = getattr(dataset, "setting", None)
 
     n = len(dataset)
     if n == 0:
@@ -109,11 +121,12 @@ def score_set(detector: Any, dataset: Any, progress: bool = True, batch_size: in
                 f"anomaly maps of shape {tuple(batch_maps.shape[1:])} do not match the masks "
                 f"{tuple(batch.masks.shape[1:])}: the protocol evaluates maps at the input resolution"
             )
-        if maps is None:  # allocate once: no concatenation copies of ~N x H x W floats
+        if setting is None and maps is None:  # allocate once: no concatenation copies of ~N x H x W floats
             maps = np.empty((n, *batch_maps.shape[1:]), dtype=np.float32)
             masks = np.empty((n, *batch_maps.shape[1:]), dtype=bool)
-        maps[pos : pos + b] = batch_maps.float().numpy()
-        masks[pos : pos + b] = (batch.masks > 0.5).numpy()
+        if maps is not None:
+            maps[pos : pos + b] = batch_maps.float().numpy()
+            masks[pos : pos + b] = (batch.masks > 0.5).numpy()
         scores[pos : pos + b] = image_scores.double().numpy()
         labels[pos : pos + b] = batch.labels.numpy()
         has_mask[pos : pos + b] = batch.has_mask.numpy()
@@ -121,7 +134,7 @@ def score_set(detector: Any, dataset: Any, progress: bool = True, batch_size: in
         defect_types += batch.defect_types
         paths += batch.paths
         pos += b
-    return ScoredSet(scores, labels, categories, maps, masks, has_mask, defect_types, paths, score_seconds)
+    return ScoredSet(scores, labels, categories, maps, masks, has_mask, defect_types, paths, score_seconds, setting)
 
 
 def evaluate(
@@ -184,7 +197,10 @@ def score_set_images(detector: Any, images: Any, progress: bool = False, batch_s
 def report_from_scores(scored: ScoredSet, calibration: Any = None, detector_meta: dict[str, Any] | None = None
                        ) -> Report:
     """The protocol's metrics from scores: one row per category, their mean, the mixed row, and decisions at the
-    one calibrated threshold (``calibration``: an ``omniad.calibration.Calibration`` or None)."""
+    one calibrated threshold (``calibration``: an ``omniad.calibration.Calibration`` or None). With a novelty
+    ``scored.setting`` the rows are the setting's and there are no pixel metrics."""
+    if scored.setting is not None:
+        return _setting_report(scored, calibration, detector_meta)
     n = scored.scores.size
     names = list(dict.fromkeys(scored.categories))
     clash = [name for name in names if name in ("mean", "mixed")]
@@ -210,10 +226,44 @@ def report_from_scores(scored: ScoredSet, calibration: Any = None, detector_meta
     everything = np.arange(n)
     rows["mixed"] = _row(scored.labels, scored.scores, everything, flagged,
                          _pixel_part(masks, maps, everything, has_mask))
+    rows["mixed"]["pixel_gt"] = bool(has_mask.any())
     if calibration is None:
         notes.append("the detector has no calibrated threshold: decision metrics are n/a")
     meta: dict[str, Any] = {"protocol": PROTOCOL, "fpr_limit": FPR_LIMIT, **(detector_meta or {})}
-    meta.update({
+    meta.update(_run_facts(scored, calibration, names, notes))
+    return Report(rows, meta, scored.scores, scored.labels, list(scored.categories), list(scored.defect_types),
+                  list(scored.paths), flagged)
+
+
+def _setting_report(scored: ScoredSet, calibration: Any, detector_meta: dict[str, Any] | None) -> Report:
+    """Image-level report of a novelty setting: its rows (overlapping index sets), mean, mixed; no pixel
+    columns."""
+    setting = scored.setting
+    flagged = calibration.decide(scored.scores) if calibration is not None else None
+    no_pixels = dict.fromkeys(("auroc", "ap", "f1max", "aupro"), float("nan"))
+    rows: dict[str, dict[str, Any]] = {}
+    for name, index in setting.rows.items():
+        if name in ("mean", "mixed"):
+            raise ValueError(f"a class may not be named {name!r}: that name is taken by an aggregate row")
+        rows[name] = _row(scored.labels, scored.scores, np.asarray(index, dtype=np.int64), flagged, no_pixels)
+    rows["mean"] = _mean_row(list(rows.values()))
+    # rows share images (every row holds all anomalies): count each image once
+    rows["mean"].update(n_normal=int(np.sum(scored.labels == 0)), n_defective=int(np.sum(scored.labels == 1)))
+    rows["mixed"] = _row(scored.labels, scored.scores, np.arange(scored.scores.size), flagged, no_pixels)
+    for row in rows.values():
+        for key in [k for k in row if k.startswith("pixel_")]:
+            del row[key]
+        row["pixel_gt"] = False
+    notes = [] if calibration is not None else ["the detector has no calibrated threshold: decision metrics are n/a"]
+    meta: dict[str, Any] = {"protocol": IMAGE_PROTOCOL, **(detector_meta or {}), "setting": setting.to_dict()}
+    meta.update(_run_facts(scored, calibration, list(setting.rows), notes))
+    return Report(rows, meta, scored.scores, scored.labels, list(scored.categories), list(scored.defect_types),
+                  list(scored.paths), flagged)
+
+
+def _run_facts(scored: ScoredSet, calibration: Any, names: list[str], notes: list[str]) -> dict[str, Any]:
+    n, maps = scored.scores.size, scored.maps
+    return {
         "n_images": n,
         "n_normal": int(np.sum(scored.labels == 0)),
         "n_defective": int(np.sum(scored.labels == 1)),
@@ -227,9 +277,7 @@ def report_from_scores(scored: ScoredSet, calibration: Any = None, detector_meta
         "target_far": calibration.target_far if calibration is not None else None,
         "peak_rss_mb": _peak_rss_mb(),
         "notes": notes,
-    })
-    return Report(rows, meta, scored.scores, scored.labels, list(scored.categories), list(scored.defect_types),
-                  list(scored.paths), flagged)
+    }
 
 
 def _contiguous(index: np.ndarray) -> slice | np.ndarray:

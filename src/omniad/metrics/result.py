@@ -130,6 +130,8 @@ class Report:
     def to_markdown(self) -> str:
         """Header with the protocol and run facts, then the metric table and the calibrated-decision table."""
         m = self.meta
+        setting = m.get("setting")
+        anomalous = "anomalous" if setting else "defective"
         lines = [f"# omniad evaluation: {m.get('detector', '?')}", ""]
         facts = [
             ("detector", f"{m.get('detector')} {json.dumps(json_values(m.get('params', {})), sort_keys=True)}"),
@@ -139,7 +141,7 @@ class Report:
             ("seed", m.get("seed")),
             (
                 "test images",
-                f"{m.get('n_images')} ({m.get('n_normal')} normal, {m.get('n_defective')} defective)",
+                f"{m.get('n_images')} ({m.get('n_normal')} normal, {m.get('n_defective')} {anomalous})",
             ),
             ("fit wall time", _seconds(m.get("fit_seconds"))),
             (
@@ -153,23 +155,31 @@ class Report:
             ("threshold", f"{m.get('threshold')} ({m.get('threshold_source')})"),
         ]
         lines += [f"- **{k}**: {v}" for k, v in facts]
+        if setting:
+            lines += ["", f"**Setting.** {setting.get('description', '')}"]
         lines += ["", f"**Protocol.** {m.get('protocol', '')}", ""]
         if m.get("notes"):
             lines += [f"**Note.** {note}" for note in m["notes"]] + [""]
 
         lines.append("## Threshold-free metrics (%)")
         lines.append("")
-        head = ["category", "normal", "defective"] + [title for _, title in RANKING_COLUMNS]
-        lines += _table(head, self._table_rows(RANKING_COLUMNS, counts=True))
+        # no pixel ground truth anywhere (novelty sets, image-level categories): no columns of n/a
+        pixel_gt = any(row.get("pixel_gt", True) for row in self.rows.values())
+        columns = [(key, title) for key, title in RANKING_COLUMNS
+                   if any(key in row for row in self.rows.values()) and (pixel_gt or not key.startswith("pixel_"))]
+        head = ["normal class" if setting else "category", "normal", anomalous] + [title for _, title in columns]
+        lines += _table(head, self._table_rows(columns, counts=True))
         lines += [
             "",
             f"## Decisions at one threshold for all categories: score > {m.get('threshold')} (%)",
             "",
         ]
-        head = ["category"] + [title for _, title in DECISION_COLUMNS]
+        head = ["normal class" if setting else "category"] + [title for _, title in DECISION_COLUMNS]
         lines += _table(head, self._table_rows(DECISION_COLUMNS, counts=False))
         lines.append("")
         lines.append(
+            "n/a: undefined (one class missing, or no calibrated threshold). Rows: as the setting says."
+            if setting else
             "n/a: undefined (one class missing, no pixel ground truth, or no calibrated threshold). "
             "mean = mean over categories (unified setting); mixed = all categories pooled, one ranking "
             "and one threshold (absolute-unified setting)."
