@@ -3,6 +3,7 @@
 from omniad.data.images import (
     ImageReadError,
     ImageTooLargeError,
+    KeepAspect,
     decode_image,
     read_image,
     read_mask,
@@ -15,6 +16,7 @@ from omniad.data.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
 __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
+    "KeepAspect",
     "MVTecDataset",
     "SYNTHETIC_CATEGORIES",
     "SampleRecord",
