@@ -34,7 +34,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "squashed 256": {"image_size": 256},
     # kolektor (portrait, ~0.4 wide) fills a 640 x 256 box; magnetic tiles are fitted inside it and padded
     "aspect 640x256": {"image_size": (640, 256)},
-    "tiled native 256": {"image_size": 256, "tile_size": 256},
+    # stride = tile: tiles overlap only where the last one is moved back to the edge (half-tile overlap, the
+    # default, costs ~2.5x the tiles on kolektor: more than these 2 shared cores could run here)
+    "tiled native 256": {"image_size": 256, "tile_size": 256, "tile_stride": 256},
 }
 
 
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cada-iterations", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/tiling", help="file stem of the .md and .json")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only write one table from earlier runs' JSON")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if not Path(args.data).is_dir():
         print(f"benchmark data not found at {args.data}", file=sys.stderr)
         return 2
@@ -157,6 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     publish(lines, args.out + ".md")
     Path(args.out + ".json").write_text(json.dumps({"command": command, "results": results, "wall_s": wall,
                                                     "load": [load_before, os.getloadavg()]}, indent=1))
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """One table from several runs (e.g. one setting per process, run one after another)."""
+    runs = [json.loads(Path(path).read_text()) for path in args.merge]
+    results = [res for run in runs for res in run["results"]]
+    categories = [c for c in results[0]["off"]["rows"] if c != "mixed"]
+    lines = [f"# Squashed vs aspect kept vs tiled ({len(runs)} runs merged)", ""]
+    for run, path in zip(runs, args.merge, strict=True):
+        lines += [f"- `{run['command']}` ({Path(path).name}): {run['wall_s'] / 60:.1f} min, load average "
+                  f"{run['load'][0][0]:.1f} at the start, {run['load'][1][0]:.1f} at the end"]
+    lines += ["", *table(results, categories)]
+    publish(lines, args.out + ".md")
     return 0
 
 
