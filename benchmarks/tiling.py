@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.data).is_dir():
         print(f"benchmark data not found at {args.data}", file=sys.stderr)
         return 2
-    torch.set_num_threads(int(os.environ.get("OMNIAD_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMNIAD_THREADS", "1")))  # 2 threads under load: many times slower
     extra = parse_params(args.param)
     load_before = os.getloadavg()
     started = time.perf_counter()

@@ -141,6 +141,10 @@ def test_tiled_and_aspect_models_refuse_export_with_a_clear_error(tmp_path):
     det = create_detector("padim", image_size=32, tile_size=32, **COMMON).fit(_textures(2, 40, 40))
     with pytest.raises(ExportError, match="tiled inspection"):
         det.export(str(tmp_path / "m.onnx"))
+    from omniad.serve.service import BatchScorer
+
+    with pytest.raises(ValueError, match="cannot be served"):
+        BatchScorer(det)
 
 
 @pytest.mark.parametrize("name", list_detectors())
@@ -202,3 +206,13 @@ def test_evaluate_reports_pixel_metrics_on_stitched_maps_of_images_of_several_si
     assert report.meta["map_size"] == "own size per image (2 sizes)"
     assert np.isfinite(report.rows["mixed"]["pixel_aupro"])
     assert report.rows["mixed"]["pixel_auroc"] > 0.5
+
+
+def test_a_tiled_fit_on_images_of_several_sizes_calibrates_on_whole_images():
+    det = create_detector("padim", image_size=32, tile_size=32, **{**COMMON, "calibration_fraction": 0.25})
+    images = [_textures(1, 40 + 8 * (i % 2), 64 - 14 * (i % 2), seed=i)[0] for i in range(8)]
+    det.fit(images)
+    assert det.calibration_.normal_scores.size == 2  # two held-out images, not their tiles
+    assert np.isfinite(det.threshold_)
+    scored = det.score_dataset(images[:3])
+    assert [tuple(m.shape) for m in scored.anomaly_maps] == [(40, 64), (48, 50), (40, 64)]

@@ -457,7 +457,8 @@ class BaseDetector:
         return _cat_cpu(parts)
 
     def score_dataset(self, data: Any, desc: str = "scoring") -> AnomalyScores:
-        """Score every image of a dataset (of ``Sample`` or tensors) in batches, with a progress bar."""
+        """Score every image of a dataset (of ``Sample`` or tensors) in batches, with a progress bar. The maps are
+        one (N, h, w) tensor, or a list of N (h, w) maps when their sizes differ (tiled, or aspect kept)."""
         parts = [
             self.score(batch)
             for batch in iterate_batches(as_image_dataset(data, self.read_size), self.batch_size, self.progress, desc)
@@ -627,10 +628,12 @@ class _Resized(torch.utils.data.Dataset):
 
 
 def _cat_cpu(parts: list[AnomalyScores]) -> AnomalyScores:
-    return AnomalyScores(
-        torch.cat([p.image_scores.float().cpu() for p in parts]),
-        torch.cat([p.anomaly_maps.float().cpu() for p in parts]),
-    )
+    """One ``AnomalyScores`` of several; maps of several sizes (images scored at their own size) stay a list of
+    (h, w) maps, one per image."""
+    scores = torch.cat([p.image_scores.float().cpu() for p in parts])
+    if len({tuple(p.anomaly_maps.shape[1:]) for p in parts}) > 1:
+        return AnomalyScores(scores, [m.float().cpu() for p in parts for m in p.anomaly_maps])
+    return AnomalyScores(scores, torch.cat([p.anomaly_maps.float().cpu() for p in parts]))
 
 
 def _jsonable(value: Any) -> Any:
