@@ -401,11 +401,8 @@ class BaseDetector:
         images = check_image_batch(images)
         content = None if isinstance(self.image_size, int) else KeepAspect(*self.input_hw).size_of(*images.shape[-2:])
         images = self.preprocess(images)
-        size = tuple(images.shape[-2:])
-        parts = [
-            self.postprocess(self.score_features(self.features(chunk.to(self.device_))), size, content)
-            for chunk in images.split(self.batch_size)
-        ]
+        chunks = (chunk.to(self.device_) for chunk in images.split(self.batch_size))
+        parts = [self.score_batch(chunk) if content is None else self.score_batch(chunk, content) for chunk in chunks]
         return _cat_cpu(parts)
 
     def _score_tiled(self, images: Tensor) -> AnomalyScores:
@@ -440,9 +437,10 @@ class BaseDetector:
             maps.append(stitched.cpu())
         return AnomalyScores(torch.cat(scores).float().cpu(), torch.cat(maps))
 
-    def score_batch(self, images: Tensor) -> AnomalyScores:
-        """Scores of one pre-processed batch already on ``device_`` (left there): features -> raw maps -> tail."""
-        return self.postprocess(self.score_features(self.features(images)), tuple(images.shape[-2:]))
+    def score_batch(self, images: Tensor, crop: tuple[int, int] | None = None) -> AnomalyScores:
+        """Scores of one pre-processed batch already on ``device_`` (left there): features -> raw maps -> tail
+        (``crop``: the content of padded images, see ``postprocess``)."""
+        return self.postprocess(self.score_features(self.features(images)), tuple(images.shape[-2:]), crop)
 
     @torch.no_grad()
     def score_cached(self, features: Features) -> AnomalyScores:

@@ -184,7 +184,7 @@ class BatchScorer:
     """
 
     def __init__(self, detector: Any, batch_size: int | None = None) -> None:
-        if getattr(detector, "tile_size", None) is not None or not isinstance(detector.image_size, int):
+        if getattr(detector, "tile_size", None) is not None or not isinstance(getattr(detector, "image_size", 0), int):
             # uploads are joined into batches of one input size: tiled (own size per image) and aspect-kept
             # (padding cut per image) models are not served (yet); score them with omniad predict
             raise ValueError(f"{detector.name}: tiled or (height, width) image_size models cannot be served yet "
