@@ -157,7 +157,7 @@ def _resolve_categories(args: argparse.Namespace) -> tuple[list[str] | None, lis
     return train, (test if test is not None else train)
 
 
-def _dataset(roots: list[str], categories: list[str] | None, split: str, image_size: int):
+def _dataset(roots: list[str], categories: list[str] | None, split: str, image_size: Any):
     from omniad.data import MVTecDataset
 
     return MVTecDataset(roots, categories=categories, split=split, image_size=image_size)
@@ -188,7 +188,7 @@ def _fit(args: argparse.Namespace, names: list[str]):
         print(f"fitting {args.method} on {len(train)} normal images; {novelty.setting.describe()}", file=sys.stderr)
     else:
         train_categories, _ = _resolve_categories(args)
-        train = _dataset(args.data, train_categories, "train", detector.image_size)
+        train = _dataset(args.data, train_categories, "train", detector.read_size)
         _print_skipped(train)
         print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
               f"(unified: no category labels)", file=sys.stderr)
@@ -232,7 +232,7 @@ def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> 
         test = novelty.test  # the same seeded split as at fit time
     else:
         _, test_categories = _resolve_categories(args)
-        test = _dataset(args.data, test_categories, "test", detector.image_size)
+        test = _dataset(args.data, test_categories, "test", getattr(detector, "read_size", detector.image_size))
         _print_skipped(test)
     report = evaluate(detector, test, progress=detector.progress)
     print(report.to_markdown())

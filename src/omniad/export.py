@@ -150,6 +150,7 @@ def export_detector(
     if not getattr(detector, "fitted_", False):
         raise ExportError(f"{name} is not fitted: fit it or load a saved model before exporting")
     blockers = detector.export_blockers() if hasattr(detector, "export_blockers") else []
+    blockers += _input_blockers(detector)
     if blockers:
         raise ExportError(f"{name} cannot be exported: " + "; ".join(blockers))
     if format == "onnx":
@@ -176,6 +177,18 @@ def export_detector(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _input_blockers(detector: Any) -> list[str]:
+    """The input modes the one-size graph does not hold (yet): tiled inspection (a tile count per image, maps
+    stitched) and an (height, width) image_size (padding cut off per image)."""
+    blockers = []
+    if getattr(detector, "tile_size", None) is not None:
+        blockers.append(f"tiled inspection (tile_size={detector.tile_size}) is not exported; score it with torch")
+    if not isinstance(getattr(detector, "image_size", 0), int):
+        blockers.append(f"an (height, width) image_size {list(detector.image_size)} (aspect kept, padding cut) is "
+                        "not exported; score it with torch")
+    return blockers
 
 
 def export_metadata(detector: Any, format: str, opset: int) -> dict[str, Any]:

@@ -82,6 +82,23 @@ class Each:
             self.item.check(f"{name}[{i}]", v)
 
 
+@dataclass(frozen=True)
+class Either:
+    """A value that meets ``first`` or ``second`` (e.g. a side or an (height, width) pair)."""
+
+    first: Interval | Options | Each
+    second: Interval | Options | Each
+
+    def check(self, name: str, value: Any) -> None:
+        try:
+            self.first.check(name, value)
+        except ValueError as first_error:
+            try:
+                self.second.check(name, value)
+            except ValueError as second_error:
+                raise ValueError(f"{first_error}; or {second_error}") from None
+
+
 POSITIVE_INT = Interval(1, None, integer=True)
 FRACTION = Interval(0.0, 1.0, high_open=True)  # [0, 1)
 NON_NEGATIVE = Interval(0.0, None)
@@ -162,6 +179,7 @@ def docstring_args(doc: str) -> dict[str, str]:
 
 __all__ = [
     "Each",
+    "Either",
     "FRACTION",
     "Interval",
     "NON_NEGATIVE",

@@ -89,10 +89,16 @@ def to_scores(
     pooling: str,
     top_fraction: float = 0.01,
     pool_kernel: int = 16,
+    crop: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The score tail every detector shares: raw (B, h, w) maps -> bilinear up-sampling to ``size`` -> Gaussian
-    smoothing -> (B,) image scores pooled from the smoothed (B, H, W) maps. Returns (image scores, maps)."""
-    maps = gaussian_blur(upsample(raw_maps, size), sigma)
+    smoothing -> (B,) image scores pooled from the smoothed (B, H, W) maps. Returns (image scores, maps).
+    ``crop`` (h, w): keep only the top-left h x w of the up-sampled maps (the content of a padded input) before
+    smoothing and pooling, so that padding never reaches the maps or the scores."""
+    maps = upsample(raw_maps, size)
+    if crop is not None:
+        maps = maps[:, : crop[0], : crop[1]]
+    maps = gaussian_blur(maps, sigma)
     return image_score(maps, pooling, fraction=top_fraction, kernel=pool_kernel), maps
 
 

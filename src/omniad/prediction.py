@@ -98,7 +98,7 @@ class Prediction:
     threshold_source: str
     calibration: Calibration | None = None
     out: Path | None = None
-    image_size: int | None = field(default=None)
+    image_size: int | list[int] | None = field(default=None)
 
     @property
     def scores(self) -> np.ndarray:
@@ -358,7 +358,8 @@ def predict(
     items, skipped = _items(detector, inputs, out_path)
     rank, processes = world()
     mine = items[rank::processes]  # under torchrun each process scores a strided share; results are gathered
-    size = int(detector.image_size)
+    # how files are read: the model's input size, or (tiled / aspect kept) a rule; exported files: their side
+    size = getattr(detector, "read_size", detector.image_size)
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
     if batch_size < 1 or (readers is not None and readers < 0):
         raise ValueError(f"predict needs batch_size >= 1 and readers >= 0, got {batch_size} and {readers}")
@@ -388,25 +389,24 @@ def predict(
                 else:
                     good.append(item)
                     images.append(image)
-            if not good:
-                continue
-            batch = torch.stack(images)
-            result = detector.score(batch)
-            values = result.image_scores.detach().double().cpu().reshape(-1).numpy()
-            if values.size != len(good):
-                raise ValueError(
-                    f"{type(detector).__name__}.score returned {values.size} scores for {len(good)} images"
-                )
-            names += [i.name for i in good]
-            scores += values.tolist()
-            overlay_of += [i.overlay if draw else None for i in good]
-            if spill is not None:
-                np.savez(
-                    spill / f"{number:08d}.npz",
-                    images=(batch.clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
-                    maps=result.anomaly_maps.detach().float().cpu().numpy(),
-                    overlays=np.array([i.overlay for i in good]),
-                )
+            for part, (run, run_images) in enumerate(_same_size_runs(good, images)):  # one run unless sizes differ
+                batch = torch.stack(run_images)
+                result = detector.score(batch)
+                values = result.image_scores.detach().double().cpu().reshape(-1).numpy()
+                if values.size != len(run):
+                    raise ValueError(
+                        f"{type(detector).__name__}.score returned {values.size} scores for {len(run)} images"
+                    )
+                names += [i.name for i in run]
+                scores += values.tolist()
+                overlay_of += [i.overlay if draw else None for i in run]
+                if spill is not None:
+                    np.savez(
+                        spill / f"{number:08d}-{part:04d}.npz",
+                        images=(batch.clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+                        maps=result.anomaly_maps.detach().float().cpu().numpy(),
+                        overlays=np.array([i.overlay for i in run]),
+                    )
         if processes > 1:
             names, scores, overlay_of, failed = _gather_in_order(items, names, scores, overlay_of, failed)
         check_finite_scores(names, scores)
@@ -428,7 +428,7 @@ def predict(
         threshold_source=source,
         calibration=calibration,
         out=out_path,
-        image_size=size,
+        image_size=_jsonable_size(detector.image_size),
     )
     if out_path is not None and is_main():
         write_results(prediction, out_path)
@@ -453,17 +453,32 @@ def _gather_in_order(items: list[_Item], *lists: list) -> tuple[list, ...]:
     return [names[i] for i in order], [scores[i] for i in order], [overlays[i] for i in order], failed
 
 
-def _load(item: _Item, size: int) -> tuple[_Item, Tensor | None, InputIssue | None]:
-    """One input read and resized to ``size`` (in-memory images are ready), or the reason it cannot be."""
+def _same_size_runs(items: list[_Item], images: list[Tensor]) -> Iterator[tuple[list[_Item], list[Tensor]]]:
+    """Consecutive runs of images of one size (read at their own size for tiling, they may differ)."""
+    start = 0
+    for end in range(1, len(images) + 1):
+        if end == len(images) or images[end].shape != images[start].shape:
+            yield items[start:end], images[start:end]
+            start = end
+
+
+def _jsonable_size(size: Any) -> Any:
+    return [int(v) for v in size] if isinstance(size, (tuple, list)) else int(size)
+
+
+def _load(item: _Item, size: Any) -> tuple[_Item, Tensor | None, InputIssue | None]:
+    """One input read and resized to ``size`` (None: kept at its own size; in-memory images are ready), or the
+    reason it cannot be."""
     if item.image is not None:
         return item, item.image, None
     try:
-        return item, resize_image(read_image(item.path), size), None
+        image = read_image(item.path)
+        return item, image if size is None else resize_image(image, size), None
     except (ImageReadError, OSError) as err:
         return item, None, InputIssue(item.name, _reason(err, item.path))
 
 
-def _loaded_chunks(chunks: Iterable[list[_Item]], size: int, workers: int) -> Iterator[list[tuple]]:
+def _loaded_chunks(chunks: Iterable[list[_Item]], size: Any, workers: int) -> Iterator[list[tuple]]:
     """Each chunk's inputs loaded (``_load``), by a bounded pool of reader threads that works on the next chunks
     while the caller scores this one: decoding and resizing (PIL and torch release the GIL) overlap scoring."""
     if workers <= 0:

@@ -36,7 +36,7 @@ class AnomalyScores(NamedTuple):
     """What ``Detector.score`` returns. Higher = more anomalous, for both fields."""
 
     image_scores: Tensor  # (B,)
-    anomaly_maps: Tensor  # (B, H, W) at the input resolution
+    anomaly_maps: Tensor  # (B, H, W) at the input resolution (score_dataset: a list of maps when sizes differ)
 
 
 @runtime_checkable

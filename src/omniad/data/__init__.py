@@ -3,6 +3,7 @@
 from omniad.data.images import (
     ImageReadError,
     ImageTooLargeError,
+    KeepAspect,
     decode_image,
     read_image,
     read_mask,
@@ -25,6 +26,7 @@ from omniad.data.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
 __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
+    "KeepAspect",
     "LabelledImages",
     "MVTecDataset",
     "NoveltyProtocol",

@@ -16,6 +16,7 @@ import io
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +203,40 @@ def read_mask(path: str | os.PathLike) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(values != 0, dtype=np.float32))
 
 
-def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+@dataclass(frozen=True)
+class KeepAspect:
+    """A size rule: fit inside ``height`` x ``width`` keeping the image's aspect ratio (the content, unpadded)."""
+
+    height: int
+    width: int
+
+    def size_of(self, height: int, width: int) -> tuple[int, int]:
+        scale = min(self.height / height, self.width / width)
+        return min(self.height, max(1, round(height * scale))), min(self.width, max(1, round(width * scale)))
+
+
+# what readers and ``resize_image`` take as a size: a side (square), an exact (H, W), or a rule
+Size = int | tuple[int, int] | KeepAspect
+
+
+def _size_hw(size: Size, native: tuple[int, int] | None = None) -> tuple[int, int]:
+    if isinstance(size, KeepAspect):
+        if native is None:
+            raise ValueError(f"{size} needs the image's own size")
+        return size.size_of(int(native[0]), int(native[1]))
     if isinstance(size, int):
         return size, size
     height, width = size
     return int(height), int(width)
+
+
+def letterbox(images: Tensor, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
+    """Resize (B, 3, H, W) images to fit ``height`` x ``width`` keeping their aspect ratio, and zero-pad the
+    bottom / right to exactly that size. Returns the padded batch and the (h, w) of the content (top-left)."""
+    from omniad.tiling import pad_to
+
+    content = KeepAspect(height, width).size_of(*images.shape[-2:])
+    return pad_to(resize_image(images, content), height, width), content
 
 
 def check_image_batch(images: Any) -> Tensor:
@@ -229,9 +259,10 @@ def check_image_batch(images: Any) -> Tensor:
     return images
 
 
-def resize_image(image: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Resize a (3, H, W) or (B, 3, H, W) image to ``size`` (int: square), bilinear, antialiased."""
-    height, width = _size_hw(size)
+def resize_image(image: Tensor, size: Size) -> Tensor:
+    """Resize a (3, H, W) or (B, 3, H, W) image to ``size`` (int: square; ``KeepAspect``: from its own
+    size), bilinear, antialiased."""
+    height, width = _size_hw(size, tuple(image.shape[-2:]))
     if tuple(image.shape[-2:]) == (height, width):
         return image
     batch = image if image.dim() == 4 else image[None]
@@ -240,9 +271,9 @@ def resize_image(image: Tensor, size: int | tuple[int, int]) -> Tensor:
     return out if image.dim() == 4 else out[0]
 
 
-def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
+def resize_mask(mask: Tensor, size: Size) -> Tensor:
     """Resize an (H, W) mask like its image (bilinear, antialiased), then binarise at > 0.5 (the protocol)."""
-    height, width = _size_hw(size)
+    height, width = _size_hw(size, tuple(mask.shape[-2:]))
     if tuple(mask.shape[-2:]) == (height, width):
         return (mask > 0.5).float()
     out = F.interpolate(

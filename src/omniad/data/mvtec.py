@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from omniad.data.images import IMAGE_EXTENSIONS, read_image, read_mask, resize_image, resize_mask
+from omniad.data.images import IMAGE_EXTENSIONS, Size, read_image, read_mask, resize_image, resize_mask
 from omniad.types import Sample
 
 NORMAL_FOLDERS = ("good", "ok")  # "ok": BTAD
@@ -179,7 +179,8 @@ class MVTecDataset(Dataset):
         roots: one dataset root or a list of them; their categories are pooled.
         categories: a category name or a list of names to keep (default: every category under every root).
         split: "train" (normal images only) or "test" (normal and defective).
-        image_size: side of the square output (an int), an (H, W) pair, or None to keep each file's size.
+        image_size: side of the square output (an int), an (H, W) pair, None to keep each file's size, or a
+            size rule from ``omniad.data.images`` (``KeepAspect``): what ``detector.read_size`` gives.
 
     Attributes:
         categories: the selected category names, sorted.
@@ -201,7 +202,7 @@ class MVTecDataset(Dataset):
         roots: PathLike | Sequence[PathLike],
         categories: str | Sequence[str] | None = None,
         split: str = "train",
-        image_size: int | tuple[int, int] | None = 256,
+        image_size: Size | None = 256,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")

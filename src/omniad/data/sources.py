@@ -19,7 +19,7 @@ class ImagesOnly(Dataset):
     """View of a dataset of ``Sample`` (or of tensors) that yields the (3, H, W) image tensor alone, resized to
     ``image_size`` when one is given (the same resize as the readers and ``BaseDetector.preprocess``)."""
 
-    def __init__(self, data: Any, image_size: int | None = None) -> None:
+    def __init__(self, data: Any, image_size: Any = None) -> None:
         self.data = data
         self.image_size = image_size
 
@@ -39,9 +39,9 @@ class ImagesOnly(Dataset):
         return image
 
 
-def as_image_dataset(data: Any, image_size: int | None = None) -> Dataset:
+def as_image_dataset(data: Any, image_size: Any = None) -> Dataset:
     """A dataset of (3, H, W) tensors from a (N, 3, H, W) tensor, a sequence of tensors or of ``Sample``, resized
-    to ``image_size`` when given."""
+    to ``image_size`` when given (a side, an (H, W) or a size rule of ``omniad.data.images``)."""
     if isinstance(data, ImagesOnly) and image_size in (None, data.image_size):
         return data
     inner = data.dataset if isinstance(data, Subset) else None
@@ -73,14 +73,30 @@ def split_holdout(images: Dataset, fraction: float, seed: int) -> tuple[Dataset,
 def iterate_batches(
     data: Any, batch_size: int, progress: bool = False, desc: str = "", num_workers: int = 0
 ) -> Iterator[Tensor]:
-    """Yield (B, 3, H, W) image batches from any image source, with an optional tqdm bar."""
+    """Yield (B, 3, H, W) image batches from any image source, with an optional tqdm bar (a batch of images of
+    several sizes comes as several batches, one per run of one size)."""
     dataset = as_image_dataset(data)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_same_size)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=desc, unit="batch", leave=False)
-    yield from loader
+    for runs in loader:
+        yield from (torch.stack(run) for run in runs)
+
+
+def _same_size(items: list[Any]) -> list[list[Any]]:
+    """A batch split into runs of consecutive items whose images have one size (images of different sizes, e.g.
+    read at their own resolution for tiling, cannot be stacked; one size: one run, the whole batch)."""
+    runs: list[list[Any]] = []
+    for item in items:
+        shape = (item.image if isinstance(item, Sample) else item).shape
+        last = runs[-1][-1] if runs else None
+        if last is not None and (last.image if isinstance(last, Sample) else last).shape == shape:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 class SampleBatch:
@@ -103,9 +119,10 @@ def iterate_samples(
     dataset: Any, batch_size: int, progress: bool = False, desc: str = "", num_workers: int = 0
 ) -> Iterator[SampleBatch]:
     """Yield ``SampleBatch`` objects from a dataset of ``Sample``, with an optional tqdm bar."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=SampleBatch)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_same_size)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=desc, unit="batch", leave=False)
-    yield from loader
+    for runs in loader:
+        yield from (SampleBatch(run) for run in runs)

@@ -5,6 +5,9 @@
     score(images)  = pre-process (checks, resize to image_size) -> features -> score_features (raw maps)
                      -> post-process (up-sample, Gaussian sigma, pooling) -> AnomalyScores
 
+Two input modes live here too, so that every method has them: an (height, width) ``image_size`` (aspect kept,
+padding cut off the maps) and tiled inspection (``tile_size``: every tile a training image, tile maps stitched).
+
 A method writes ``features`` (what its frozen part computes for a batch; a backbone's stage maps by default),
 ``fit_features`` (training on those features, cached for the whole set) and ``score_features`` (the raw
 anomaly map), plus ``modules``/``meta``/``build`` for save and load. Everything else — seeding, devices, the
@@ -24,6 +27,7 @@ from torch.utils.data import Subset
 
 from omniad.backbone import Backbone
 from omniad.calibration import Calibration
+from omniad.data.images import KeepAspect, check_image_batch, letterbox, resize_image
 from omniad.data.sources import as_image_dataset, iterate_batches, split_holdout
 from omniad.distributed import gather_shards, is_main, shard, world
 from omniad.features import Features, feature_cat, feature_count, feature_slice, feature_to
@@ -31,6 +35,8 @@ from omniad.params import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE_INT,
+    Each,
+    Either,
     Interval,
     Options,
     as_namespace,
@@ -39,8 +45,9 @@ from omniad.params import (
     fill_params,
     init_params,
 )
-from omniad.postprocess import POOLINGS, to_scores
+from omniad.postprocess import POOLINGS, gaussian_blur, image_score, to_scores, upsample
 from omniad.runtime import resolve_device, seed_everything
+from omniad.tiling import Stitcher, TileDataset, box_batches, cut_tiles, tile_boxes
 from omniad.types import AnomalyScores
 
 # the hyper-parameters of the score tail: they do not touch training
@@ -82,8 +89,10 @@ class BaseDetector:
         backbone: timm model name of the frozen feature extractor.
         weights: where the backbone's weights come from: "auto" (timm's hub cache, then omniad's offline
             weights), "timm", "offline", "random", or the path of a safetensors / torch state-dict file.
-        image_size: side of the square images the detector is trained and evaluated on; ``score`` resizes
-            other sizes to it.
+        image_size: side of the square images the detector is trained and evaluated on (every image squashed to
+            it), or a (height, width) pair: each image is resized to fit inside it keeping its aspect ratio and
+            zero-padded to it; the padding is cut off the maps (never pooled, never in pixel metrics). With
+            tiling: the side each tile is resized to for the network (keep it equal to ``tile_size``).
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         seed: makes fitting repeatable.
         batch_size: images per batch for the backbone and for scoring.
@@ -96,6 +105,12 @@ class BaseDetector:
         top_fraction: share of the highest map values averaged by "top1" pooling (protocol: 0.01, the top 1%).
         pool_kernel: averaging window of "maxpool" pooling (UniAD: 16).
         progress: show progress bars.
+        tile_size: tiled inspection (None: off): each image, at its own resolution, is cut into ``tile_size`` x
+            ``tile_size`` tiles, each resized to ``image_size`` for the network (equal sides: native resolution;
+            ``tile_size`` = 2 x ``image_size``: half of it, at a quarter of the tiles); every tile is a training
+            image of the one model, and at test time the tile maps are stitched (overlaps averaged) into a map of
+            the image's own size, which is smoothed and pooled.
+        tile_stride: pixels between tiles (None: half a tile, so tiles overlap by half).
     """
 
     name: ClassVar[str] = "base"
@@ -109,7 +124,9 @@ class BaseDetector:
     defaults: ClassVar[dict[str, Any]] = {"sigma": 4.0, "image_pooling": "top1"}
     # parameter -> Interval / Options / Each; merged along the class hierarchy
     constraints: ClassVar[dict[str, Any]] = {
-        "image_size": Interval(16, None, integer=True),
+        "image_size": Either(Interval(16, None, integer=True), Each(Interval(16, None, integer=True), length=2)),
+        "tile_size": Interval(16, None, integer=True, allow_none=True),
+        "tile_stride": Interval(1, None, integer=True, allow_none=True),
         "batch_size": POSITIVE_INT,
         "seed": Interval(0, None, integer=True),
         "calibration_fraction": FRACTION,
@@ -127,7 +144,7 @@ class BaseDetector:
         *,
         backbone: str = "tf_efficientnet_lite0",
         weights: str = "auto",
-        image_size: int = 256,
+        image_size: int | tuple[int, int] = 256,
         device: str = "auto",
         seed: int = 0,
         batch_size: int = 16,
@@ -138,6 +155,8 @@ class BaseDetector:
         top_fraction: float = 0.01,
         pool_kernel: int = 16,
         progress: bool = True,
+        tile_size: int | None = None,
+        tile_stride: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -152,6 +171,8 @@ class BaseDetector:
         self.top_fraction = top_fraction
         self.pool_kernel = pool_kernel
         self.progress = progress
+        self.tile_size = tile_size
+        self.tile_stride = tile_stride
 
     # ----------------------------------------------------------------- hyper-parameters (scikit-learn style)
     @classmethod
@@ -209,7 +230,7 @@ class BaseDetector:
         values = {name: getattr(self, name) for name in self.param_names()}
         values = self.derive_params(fill_params(values, self.presets, self.defaults, self.name))
         check_params(values, self.all_constraints(), self.name)
-        return values
+        return _resolve_tiling(values, self.name)
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
         """Hook: values that follow from others after resolution (e.g. depths fitted to the number of stages)."""
@@ -234,6 +255,23 @@ class BaseDetector:
             raise RuntimeError(f"device {self.device!r} was asked for, but this machine has no CUDA device")
         self.build_frozen(pretrained)
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the network's input: ``image_size`` as a pair."""
+        size = self.image_size
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def read_size(self) -> Any:
+        """The size readers should give images and masks for this detector (``MVTecDataset(image_size=...)``):
+        ``image_size`` when square, ``KeepAspect`` for an (height, width) pair (maps come at the content's
+        size), None when tiled (each image at its own size, as are its maps)."""
+        if self.tile_size is not None:
+            return None
+        if isinstance(self.image_size, int):
+            return self.image_size
+        return KeepAspect(*self.input_hw)
+
     def build_frozen(self, pretrained: bool) -> None:
         """Build the frozen feature extractor (``backbone_``); ``pretrained=False`` when a bundle will fill it."""
         self.backbone_ = Backbone(self.backbone, self.resolved_.stages, self.weights if pretrained else "random")
@@ -254,7 +292,7 @@ class BaseDetector:
         self.fitted_ = False
         self.calibration_ = None
         self.prepare()
-        images = as_image_dataset(data, self.image_size)
+        images = as_image_dataset(data, self.read_size)
         if len(images) == 0:
             raise ValueError("fit needs at least one training image; the data given is empty")
         train, holdout = split_holdout(images, self.calibration_fraction, self.seed)
@@ -272,7 +310,7 @@ class BaseDetector:
         if not hasattr(self, "resolved_"):
             seed_everything(self.seed)
             self.prepare()
-        images = as_image_dataset(data, self.image_size)
+        images = self.training_inputs(data)
         if len(images) == 0:
             raise ValueError("no images to extract features from")
         # several processes: each extracts a strided shard (a FeatureStream streams its shard)
@@ -290,6 +328,16 @@ class BaseDetector:
         if isinstance(cache, Tensor):  # every rank gets the whole cache, in the original order
             return gather_shards(cache, len(images))
         return [gather_shards(part, len(images)) for part in cache]
+
+    def training_inputs(self, data: Any) -> Any:
+        """What the network trains on, as a dataset of (3, h, w) tensors: the images at ``image_size``; padded
+        to it for an (height, width) ``image_size``; every tile of every image when tiled."""
+        images = as_image_dataset(data, self.read_size)
+        if self.tile_size is not None:
+            return _Resized(TileDataset(images, int(self.tile_size), int(self.resolved_.tile_stride)), self.input_hw)
+        if not isinstance(self.image_size, int):
+            return _Resized(images, self.input_hw, letterboxed=True)
+        return images
 
     def fit_features(self, features: Features | FeatureStream, **options: Any) -> BaseDetector:
         """Train on features from ``extract`` (seeded here, so the model is the same however they were made)."""
@@ -316,20 +364,24 @@ class BaseDetector:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- scoring
-    def postprocess(self, raw: Tensor | RawScores, size: tuple[int, int]) -> AnomalyScores:
-        """The score tail: up-sample raw maps to ``size``, smooth, pool the image scores (unless the method gave
-        them: ``RawScores``)."""
+    def postprocess(
+        self, raw: Tensor | RawScores, size: tuple[int, int], crop: tuple[int, int] | None = None
+    ) -> AnomalyScores:
+        """The score tail: up-sample raw maps to ``size``, keep the top-left ``crop`` (the content of a padded
+        input), smooth, pool the image scores (unless the method gave them: ``RawScores``)."""
         r = self.resolved_
         if isinstance(raw, RawScores):
-            return AnomalyScores(raw.image_scores, to_scores(raw.maps, size, r.sigma, "max")[1])
-        scores, maps = to_scores(raw, size, r.sigma, r.image_pooling, r.top_fraction, r.pool_kernel)
+            return AnomalyScores(raw.image_scores, to_scores(raw.maps, size, r.sigma, "max", crop=crop)[1])
+        scores, maps = to_scores(raw, size, r.sigma, r.image_pooling, r.top_fraction, r.pool_kernel, crop)
         return AnomalyScores(scores, maps)
 
     def preprocess(self, images: Any) -> Tensor:
-        """Check a batch and resize it to ``image_size`` (the same bilinear, antialiased resize as the readers)."""
-        from omniad.data.images import check_image_batch, resize_image
-
-        return resize_image(check_image_batch(images), self.image_size)
+        """Check a batch and resize it to ``image_size`` (the same bilinear, antialiased resize as the readers;
+        for an (height, width) ``image_size``: fitted inside it, aspect kept, zero-padded)."""
+        images = check_image_batch(images)
+        if isinstance(self.image_size, int):
+            return resize_image(images, self.image_size)
+        return letterbox(images, *self.input_hw)[0]
 
     @torch.inference_mode()  # scores never need autograd: skip its bookkeeping entirely (no_grad keeps some)
     def score(self, images: Tensor) -> AnomalyScores:
@@ -339,26 +391,63 @@ class BaseDetector:
             images: (B, 3, H, W) floats in [0, 1]; other sizes are resized to ``image_size``.
 
         Returns:
-            ``AnomalyScores`` on the CPU: (B,) image scores and (B, image_size, image_size) maps; higher = more
-            anomalous.
+            ``AnomalyScores`` on the CPU: (B,) image scores and (B, h, w) maps; higher = more anomalous. The maps
+            are (image_size, image_size) for a square ``image_size``, the content's size (aspect kept, no padding)
+            for an (height, width) one, and the images' own size when tiled.
         """
         self._check_fitted()
+        if self.tile_size is not None:
+            return self._score_tiled(check_image_batch(images))
+        images = check_image_batch(images)
+        content = None if isinstance(self.image_size, int) else KeepAspect(*self.input_hw).size_of(*images.shape[-2:])
         images = self.preprocess(images)
-        parts = [
-            self.score_batch(images[start : start + self.batch_size].to(self.device_))
-            for start in range(0, images.shape[0], self.batch_size)
-        ]
+        chunks = (chunk.to(self.device_) for chunk in images.split(self.batch_size))
+        parts = [self.score_batch(chunk) if content is None else self.score_batch(chunk, content) for chunk in chunks]
         return _cat_cpu(parts)
 
-    def score_batch(self, images: Tensor) -> AnomalyScores:
-        """Scores of one pre-processed batch already on ``device_`` (left there): features -> raw maps -> tail."""
-        return self.postprocess(self.score_features(self.features(images)), tuple(images.shape[-2:]))
+    def _score_tiled(self, images: Tensor) -> AnomalyScores:
+        """Each image cut into tiles scored ``batch_size`` at a time (memory: one batch of tiles plus the stitched
+        map), tile maps stitched, then smoothed and pooled as one map. A method's own image scores
+        (``RawScores``) become the highest of its tiles'."""
+        r, tile = self.resolved_, int(self.tile_size)
+        scores, maps = [], []
+        for index, image in enumerate(images):
+            height, width = image.shape[-2:]
+            boxes = tile_boxes(int(height), int(width), tile, int(r.tile_stride))
+            stitcher = Stitcher(height, width, tile, self.device_)
+            tile_scores = []
+            batches = box_batches(boxes, self.batch_size)
+            if self.progress and len(boxes) > 4 * self.batch_size:  # an image of many tiles shows its own progress
+                from tqdm.auto import tqdm
+
+                total = -(-len(boxes) // self.batch_size)
+                batches = tqdm(batches, total=total, desc=f"tiles of image {index + 1}", unit="batch", leave=False)
+            for run in batches:
+                inputs = resize_image(cut_tiles(image, run, tile), self.input_hw).to(self.device_)
+                raw = self.score_features(self.features(inputs))
+                if isinstance(raw, RawScores):
+                    tile_scores.append(raw.image_scores.float())
+                    raw = raw.maps
+                stitcher.add(upsample(raw.float(), (tile, tile)), run)
+            stitched = gaussian_blur(stitcher.result()[None], r.sigma)
+            if tile_scores:
+                scores.append(torch.cat(tile_scores).max()[None])
+            else:
+                scores.append(image_score(stitched, r.image_pooling, r.top_fraction, r.pool_kernel))
+            maps.append(stitched.cpu())
+        return AnomalyScores(torch.cat(scores).float().cpu(), torch.cat(maps))
+
+    def score_batch(self, images: Tensor, crop: tuple[int, int] | None = None) -> AnomalyScores:
+        """Scores of one pre-processed batch already on ``device_`` (left there): features -> raw maps -> tail
+        (``crop``: the content of padded images, see ``postprocess``)."""
+        return self.postprocess(self.score_features(self.features(images)), tuple(images.shape[-2:]), crop)
 
     @torch.no_grad()
     def score_cached(self, features: Features) -> AnomalyScores:
-        """Scores of features from ``extract`` (the numbers ``score`` gives on their images), in batches."""
+        """Scores of features from ``extract`` (the numbers ``score`` gives on their images), in batches (for
+        tiled or padded inputs: of the network's inputs, tiles or padded images, uncropped)."""
         self._check_fitted()
-        size = (self.image_size, self.image_size)
+        size = self.input_hw
         parts = []
         for start in range(0, feature_count(features), self.batch_size):
             chunk = feature_to(feature_slice(features, start, start + self.batch_size), self.device_, torch.float32)
@@ -366,13 +455,14 @@ class BaseDetector:
         return _cat_cpu(parts)
 
     def score_dataset(self, data: Any, desc: str = "scoring") -> AnomalyScores:
-        """Score every image of a dataset (of ``Sample`` or tensors) in batches, with a progress bar."""
+        """Score every image of a dataset (of ``Sample`` or tensors) in batches, with a progress bar. The maps are
+        one (N, h, w) tensor, or a list of N (h, w) maps when their sizes differ (tiled, or aspect kept)."""
         parts = [
             self.score(batch)
-            for batch in iterate_batches(as_image_dataset(data, self.image_size), self.batch_size, self.progress, desc)
+            for batch in iterate_batches(as_image_dataset(data, self.read_size), self.batch_size, self.progress, desc)
         ]
         if not parts:
-            return AnomalyScores(torch.empty(0), torch.empty(0, self.image_size, self.image_size))
+            return AnomalyScores(torch.empty(0), torch.empty(0, *self.input_hw))
         return _cat_cpu(parts)
 
     # ----------------------------------------------------------------- calibration
@@ -489,7 +579,7 @@ class BaseDetector:
 
     def _check_scores_one_image(self) -> None:
         """Score one grey image, so that tampered weights (indices out of range, NaN) fail at load, not later."""
-        probe = torch.full((1, 3, self.image_size, self.image_size), 0.5)
+        probe = torch.full((1, 3, *self.input_hw), 0.5)
         try:
             result = self.score(probe)
         except (RuntimeError, IndexError, ValueError) as err:
@@ -505,11 +595,43 @@ class BaseDetector:
         return meta
 
 
+def _resolve_tiling(values: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Tiling's own rules: the stride defaults to half a tile and may not leave gaps; tiles are square."""
+    tile = values.get("tile_size")
+    if tile is None:
+        return values
+    if not isinstance(values.get("image_size"), int):
+        raise ValueError(f"{owner}: tiling (tile_size={tile}) needs a square image_size (the tiles' side), "
+                         f"got {values.get('image_size')!r}")
+    if values.get("tile_stride") is None:
+        values["tile_stride"] = max(1, int(tile) // 2)
+    if values["tile_stride"] > tile:
+        raise ValueError(f"{owner}: tile_stride {values['tile_stride']} > tile_size {tile} would leave pixels no "
+                         "tile covers")
+    return values
+
+
+class _Resized(torch.utils.data.Dataset):
+    """A dataset of (3, h, w) tensors resized to the network's (height, width): squashed, or letterboxed."""
+
+    def __init__(self, images: Any, hw: tuple[int, int], letterboxed: bool = False) -> None:
+        self.images, self.hw, self.letterboxed = images, hw, letterboxed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = self.images[index]
+        return letterbox(image[None], *self.hw)[0][0] if self.letterboxed else resize_image(image, self.hw)
+
+
 def _cat_cpu(parts: list[AnomalyScores]) -> AnomalyScores:
-    return AnomalyScores(
-        torch.cat([p.image_scores.float().cpu() for p in parts]),
-        torch.cat([p.anomaly_maps.float().cpu() for p in parts]),
-    )
+    """One ``AnomalyScores`` of several; maps of several sizes (images scored at their own size) stay a list of
+    (h, w) maps, one per image."""
+    scores = torch.cat([p.image_scores.float().cpu() for p in parts])
+    if len({tuple(p.anomaly_maps.shape[1:]) for p in parts}) > 1:
+        return AnomalyScores(scores, [m.float().cpu() for p in parts for m in p.anomaly_maps])
+    return AnomalyScores(scores, torch.cat([p.anomaly_maps.float().cpu() for p in parts]))
 
 
 def _jsonable(value: Any) -> Any:

@@ -91,7 +91,7 @@ class PaDiM(BaseDetector):
         generator = torch.Generator().manual_seed(self.seed)
         channel_index = torch.randperm(total, generator=generator)[:d].sort().values
         with torch.no_grad():
-            grid = tuple(self.backbone_(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device_))[0]
+            grid = tuple(self.backbone_(torch.zeros(1, 3, *self.input_hw, device=self.device_))[0]
                          .shape[-2:])
         self.net_ = PaDiMNet(self.backbone_, channel_index, grid).to(self.device_)
         return self

@@ -172,7 +172,7 @@ class PatchCore(BaseDetector):
         # the exported graph compares every patch of a run with the whole bank at once: runs of at most
         # DISTANCE_CHUNK patches hold no more memory than torch's chunks do
         stride = self.backbone_.strides[0]
-        patches = max(1, -(-self.image_size // stride)) ** 2
+        patches = max(1, -(-self.input_hw[0] // stride)) * max(1, -(-self.input_hw[1] // stride))
         return max(1, min(int(self.batch_size), DISTANCE_CHUNK // patches))
 
     def modules(self) -> dict[str, nn.Module]:

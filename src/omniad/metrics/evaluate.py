@@ -46,9 +46,10 @@ class ScoredSet:
 
     Attributes:
         scores: (N,) image scores (float64).
-        maps: (N, H, W) anomaly maps (float32), or None when only image scores exist.
+        maps: (N, H, W) anomaly maps (float32), a list of N (H_i, W_i) maps when their sizes differ (images
+            read at their own size, e.g. for tiling), or None when only image scores exist.
         labels: (N,) 0 = normal, 1 = anomalous.
-        masks: (N, H, W) boolean ground truth, or None.
+        masks: (N, H, W) boolean ground truth (a list like ``maps``), or None.
         has_mask: (N,) whether the sample's category has pixel ground truth.
         categories, defect_types, paths: per-sample metadata.
         score_seconds: time spent in ``score`` (for the report's throughput).
@@ -59,8 +60,8 @@ class ScoredSet:
     scores: np.ndarray
     labels: np.ndarray
     categories: list[str]
-    maps: np.ndarray | None = None
-    masks: np.ndarray | None = None
+    maps: np.ndarray | list[np.ndarray] | None = None
+    masks: np.ndarray | list[np.ndarray] | None = None
     has_mask: np.ndarray | None = None
     defect_types: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -124,7 +125,13 @@ def score_set(detector: Any, dataset: Any, progress: bool = True, batch_size: in
         if setting is None and maps is None:  # allocate once: no concatenation copies of ~N x H x W floats
             maps = np.empty((n, *batch_maps.shape[1:]), dtype=np.float32)
             masks = np.empty((n, *batch_maps.shape[1:]), dtype=bool)
-        if maps is not None:
+        if isinstance(maps, np.ndarray) and maps.shape[1:] != batch_maps.shape[1:]:
+            # images of several sizes (read at their own size): one map per image from here on
+            maps, masks = list(maps[:pos]), list(masks[:pos])
+        if isinstance(maps, list):
+            maps += list(batch_maps.float().numpy())
+            masks += list((batch.masks > 0.5).numpy())
+        elif maps is not None:
             maps[pos : pos + b] = batch_maps.float().numpy()
             masks[pos : pos + b] = (batch.masks > 0.5).numpy()
         scores[pos : pos + b] = image_scores.double().numpy()
@@ -269,7 +276,7 @@ def _run_facts(scored: ScoredSet, calibration: Any, names: list[str], notes: lis
         "n_defective": int(np.sum(scored.labels == 1)),
         "n_categories": len(names),
         "categories": names,
-        "map_size": list(maps.shape[1:]) if maps is not None else None,
+        "map_size": _map_size(maps),
         "score_seconds": scored.score_seconds,
         "images_per_second": n / scored.score_seconds if scored.score_seconds > 0 else None,
         "threshold": calibration.threshold if calibration is not None else float("nan"),
@@ -287,12 +294,24 @@ def _contiguous(index: np.ndarray) -> slice | np.ndarray:
     return index
 
 
+def _map_size(maps: np.ndarray | list[np.ndarray] | None) -> Any:
+    if maps is None:
+        return None
+    if isinstance(maps, list):
+        sizes = {m.shape for m in maps}
+        return list(sizes.pop()) if len(sizes) == 1 else f"own size per image ({len(sizes)} sizes)"
+    return list(maps.shape[1:])
+
+
 def _pixel_part(
-    masks: np.ndarray, maps: np.ndarray, index: np.ndarray, has_mask: np.ndarray
+    masks: np.ndarray | list[np.ndarray], maps: np.ndarray | list[np.ndarray], index: np.ndarray,
+    has_mask: np.ndarray,
 ) -> dict[str, float]:
     index = index[has_mask[index]] if masks is not None else index[:0]
     if index.size == 0:
         return {key: float("nan") for key in ("auroc", "ap", "f1max", "aupro")}
+    if isinstance(maps, list):
+        return pixel_metrics([masks[i] for i in index], [maps[i] for i in index], fpr_limit=FPR_LIMIT)
     where = _contiguous(index)
     return pixel_metrics(masks[where], maps[where], fpr_limit=FPR_LIMIT)
 

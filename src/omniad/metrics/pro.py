@@ -48,26 +48,38 @@ def _as_stack(values: Any, name: str) -> np.ndarray:
     return array
 
 
+def _pixels(masks: Any, maps: Any) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """(region of each defect pixel, number of regions, defect pixels' scores, normal pixels' scores) of a stack
+    of masks and maps, or of lists of them with one size per image (maps stitched at each image's own size)."""
+    if isinstance(masks, (list, tuple)) and isinstance(maps, (list, tuple)):
+        if len(masks) != len(maps):
+            raise ValueError(f"{len(masks)} masks but {len(maps)} maps")
+        parts = [_pixels(mask, image_map) for mask, image_map in zip(masks, maps, strict=True)]
+        offsets = np.cumsum([0] + [part[1] for part in parts[:-1]])
+        regions = np.concatenate([part[0] + offset for part, offset in zip(parts, offsets, strict=True)])
+        return (regions, int(sum(part[1] for part in parts)), np.concatenate([part[2] for part in parts]),
+                np.concatenate([part[3] for part in parts]))
+    masks = _as_stack(masks, "masks")
+    maps = _as_stack(maps, "maps")
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
+    if masks.dtype != np.bool_:
+        masks = masks > 0.5
+    if not np.issubdtype(maps.dtype, np.floating):
+        maps = maps.astype(np.float64)
+    labeled, n_regions = ndimage.label(masks, structure=_STRUCTURE)
+    return labeled[masks], n_regions, maps[masks], maps[~masks]
+
+
 class _PixelSplit:
     """Defect pixels with their region weights (1 / region size), and normal pixels sorted by score."""
 
     def __init__(self, masks: Any, maps: Any) -> None:
-        masks = _as_stack(masks, "masks")
-        maps = _as_stack(maps, "maps")
-        if masks.shape != maps.shape:
-            raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
-        if masks.dtype != np.bool_:
-            masks = masks > 0.5
-        if not np.issubdtype(maps.dtype, np.floating):
-            maps = maps.astype(np.float64)
-        labeled, self.n_regions = ndimage.label(masks, structure=_STRUCTURE)
-        region_of_pixel = labeled[masks]
-        del labeled
-        self.weights = 1.0 / np.bincount(region_of_pixel)[region_of_pixel]  # 1 / size of the pixel's region
+        region_of_pixel, self.n_regions, self.defect_scores, self.negatives = _pixels(masks, maps)
+        # region ids start at 1 (0 is background): 1 / size of the pixel's region
+        self.weights = 1.0 / np.bincount(region_of_pixel)[region_of_pixel]
         del region_of_pixel
-        self.defect_scores = maps[masks]
         self.positives = np.sort(self.defect_scores)
-        self.negatives = maps[~masks]
         self.negatives.sort()
         # NaN sorts last and infinities sit at the ends: checking the ends checks every value in no extra pass
         ends = [a[i] for a in (self.positives, self.negatives) if a.size for i in (0, -1)]
@@ -123,8 +135,9 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit``.
 
     Args:
-        masks: (N, H, W) or (H, W) ground truth, bool or 0/1 (values > 0.5 count as defect).
-        maps: anomaly maps of the same shape, higher = more anomalous.
+        masks: (N, H, W) or (H, W) ground truth, bool or 0/1 (values > 0.5 count as defect), or a list of
+            (H_i, W_i) masks of images of different sizes.
+        maps: anomaly maps of the same shape (or a list like ``masks``), higher = more anomalous.
         fpr_limit: upper end of the false-positive-rate integration range (0.3 in MVTec AD's protocol).
 
     Returns:

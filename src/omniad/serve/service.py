@@ -184,6 +184,11 @@ class BatchScorer:
     """
 
     def __init__(self, detector: Any, batch_size: int | None = None) -> None:
+        if getattr(detector, "tile_size", None) is not None or not isinstance(getattr(detector, "image_size", 0), int):
+            # uploads are joined into batches of one input size: tiled (own size per image) and aspect-kept
+            # (padding cut per image) models are not served (yet); score them with omniad predict
+            raise ValueError(f"{detector.name}: tiled or (height, width) image_size models cannot be served yet "
+                             "(the service joins uploads into batches of one size); use omniad predict")
         self.detector = detector
         self.batch_size = max(1, int(batch_size or getattr(detector, "batch_size", 16) or 16))
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # images per model call, the latest 1000 (for tests)

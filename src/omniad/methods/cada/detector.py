@@ -188,7 +188,7 @@ class CADA(BaseDetector):
         them: one collection can train several alignment heads over one base."""
         if not hasattr(self, "resolved_"):
             self.prepare()
-        images = as_image_dataset(data, self.image_size)
+        images = self.training_inputs(data)  # tiles when tiled: the base trains on them, CADA aligns each one
         if not getattr(self.base_, "fitted_", False):
             self.base_.calibration_fraction = 0.0  # trained on all of these, so targets = the base's training maps
             self.base_.fit(images)
@@ -301,8 +301,13 @@ class CADA(BaseDetector):
         self._check_fitted()
         far = self.target_far if target_far is None else target_far
         source = source or "calibrate() on given images"
-        raw, aligned = self.score_with_base(normal_images)
-        self.base_.calibration_ = Calibration.from_normal_scores(raw.image_scores, far, source)
+        if self.tile_size is not None or not isinstance(self.image_size, int):
+            # tiles stitched or padding cut: score's own path (the base's threshold is not set: the base scores
+            # whole tiles or padded images, not what CADA's scores are made of)
+            aligned = self.score_dataset(normal_images, "calibrating")
+        else:
+            raw, aligned = self.score_with_base(normal_images)
+            self.base_.calibration_ = Calibration.from_normal_scores(raw.image_scores, far, source)
         self.calibration_ = Calibration.from_normal_scores(aligned.image_scores, far, source)
         return self.calibration_
 

@@ -181,7 +181,8 @@ class PMAD(BaseDetector):
         self.kmeans_samples = kmeans_samples
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
-        if values["image_size"] % values["patch_size"]:
+        sides = values["image_size"] if isinstance(values["image_size"], (tuple, list)) else [values["image_size"]]
+        if any(side % values["patch_size"] for side in sides):
             raise ValueError(f"pmad: image_size {values['image_size']} is not a multiple of patch_size "
                              f"{values['patch_size']}")
         return values
@@ -189,8 +190,8 @@ class PMAD(BaseDetector):
     # ----------------------------------------------------------------- shapes and features
     @property
     def grid(self) -> tuple[int, int]:
-        g = self.image_size // self.resolved_.patch_size
-        return g, g
+        height, width = self.input_hw
+        return height // self.resolved_.patch_size, width // self.resolved_.patch_size
 
     def features(self, images: Tensor) -> Tensor | list[Tensor]:
         """(B, C, h, w) backbone features on the patch grid (finer stages area-pooled), with the images for
