@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omniad.distributed import sum_over_ranks
+
 
 class ProjectionHead(nn.Module):
     """Three linear layers with GELU between them; L2-normalised output (the paper: hidden 2048, out 256)."""
@@ -62,18 +64,21 @@ class DefendNet(nn.Module):
 def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
     """SwAV's Sinkhorn-Knopp: (N, K) similarity scores -> (N, K) soft assignments whose rows each sum to 1 and
     whose columns each sum to N / K (every prototype gets an equal share), i.e. N x a doubly stochastic
-    transport plan, more exactly the more ``iterations``.
+    transport plan, more exactly the more ``iterations``. Under torch.distributed the N samples are those of
+    every rank together (SwAV's all-reduced sums), so the targets are those of one process on the whole batch.
 
     Args:
-        scores: (N, K) similarities of N samples to K prototypes.
+        scores: (N, K) cosine similarities of N samples to K prototypes (in [-1, 1]: no shift is needed before
+            the exponential, in float64).
         epsilon: entropic regularisation (SwAV: 0.05); lower is closer to a hard assignment.
         iterations: alternating normalisations (SwAV: 3).
     """
-    q = torch.exp((scores.double() - scores.max().double()) / epsilon).T  # (K, N); float64: exp(-40) is fine
-    q /= q.sum()
-    k, n = q.shape
+    q = torch.exp(scores.double() / epsilon).T  # (K, N)
+    k = q.shape[0]
+    n = float(sum_over_ranks(torch.tensor([q.shape[1]], dtype=torch.float64))[0])
+    q /= sum_over_ranks(q.sum())
     for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True) * k  # every prototype: total mass 1 / K
+        q /= sum_over_ranks(q.sum(dim=1, keepdim=True)) * k  # every prototype: total mass 1 / K
         q /= q.sum(dim=0, keepdim=True) * n  # every sample: total mass 1 / N
     return (q * n).T.to(scores.dtype)
 
@@ -81,10 +86,10 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
 def random_boxes(batch: int, scale: tuple[float, float], generator: torch.Generator) -> Tensor:
     """(B, 4) square crop boxes (x0, y0, x1, y1) in grid_sample's [-1, 1] coordinates, each covering a share of
     the image's area drawn uniformly from ``scale``, at a uniformly random place inside the image."""
-    area = scale[0] + (scale[1] - scale[0]) * torch.rand(batch, generator=generator)
+    area, x, y = torch.rand(batch, 3, generator=generator).T  # row i: box i, whatever the batch size
+    area = scale[0] + (scale[1] - scale[0]) * area
     side = 2 * area.sqrt()
-    x0 = -1 + (2 - side) * torch.rand(batch, generator=generator)
-    y0 = -1 + (2 - side) * torch.rand(batch, generator=generator)
+    x0, y0 = -1 + (2 - side) * x, -1 + (2 - side) * y
     return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
 
 

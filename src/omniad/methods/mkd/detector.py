@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from omniad.distributed import is_main
+from omniad.distributed import is_main, world
 from omniad.methods.base import BaseDetector
 from omniad.methods.mkd.defend import DefendNet, crop_resize, dense_loss, last_blocks, random_boxes
 from omniad.methods.mkd.masking import MASKINGS, guided_mask, random_mask, spatial_attention
@@ -263,7 +263,7 @@ class MKD(BaseDetector):
 
         def loss_of_batch(step: int, index: Tensor, model: nn.Module) -> Tensor:
             x = images[index].to(self.device_)
-            boxes = random_boxes(len(index), r.crop_scale, generator)
+            boxes = self._draw(step, len(index), lambda count, g: random_boxes(count, r.crop_scale, g))
             crops = crop_resize(x, boxes, size)
             image_sims, crop_sims = model(x, crops)
             return dense_loss(image_sims, crop_sims, boxes, r.temperature, r.sinkhorn_epsilon, r.sinkhorn_iterations)
@@ -286,12 +286,13 @@ class MKD(BaseDetector):
         attention = spatial_attention(targets) if r.masking == "guided" else None
         optimizer = torch.optim.AdamW(self.student_.parameters(), lr=r.lr, weight_decay=r.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
+        patches = self.student_.num_patches
 
         def loss_of_batch(step: int, index: Tensor, model: nn.Module) -> Tensor:
             if attention is not None:
                 mask = guided_mask(attention[index], r.mask_ratio)
             else:
-                mask = random_mask(len(index), self.student_.num_patches, r.mask_ratio, generator)
+                mask = self._draw(step, len(index), lambda count, g: random_mask(count, patches, r.mask_ratio, g))
             x = self.backbone_.normalize(images[index].to(self.device_))
             return discrepancy(targets[index].to(self.device_), model(x, mask.to(self.device_))).mean()
 
@@ -299,6 +300,13 @@ class MKD(BaseDetector):
             self.student_, optimizer, epoch_batches(n, batch, r.epochs, generator), loss_of_batch,
             total=r.epochs * math.ceil(n / batch), desc="mkd distillation", progress=self.progress and is_main(),
         )
+
+    def _draw(self, step: int, local: int, draw: Any) -> Tensor:
+        """This rank's rows of a step's random draw for the whole batch (``draw(count, generator)``, one row per
+        image): the batch's image i gets the same crop or mask however many processes share the batch."""
+        rank, size = world()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return draw(local * size, generator)[rank::size][:local]
 
     # ----------------------------------------------------------------- scoring
     def score_features(self, images: Tensor) -> Tensor:
