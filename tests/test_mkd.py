@@ -132,3 +132,12 @@ def test_too_many_blocks_to_tune_are_refused():
 def test_mean_pooling_is_the_maps_mean():
     maps = torch.rand(3, 5, 5)
     torch.testing.assert_close(image_score(maps, "mean"), maps.mean((1, 2)))
+
+
+def test_reports_state_the_teacher_substitution():
+    from omniad.metrics.evaluate import describe_detector
+
+    det = create_detector("mkd", **TINY, defend=True).fit(_images(8))
+    backbone = describe_detector(det)["backbone"]
+    assert backbone.startswith("tf_efficientnet_lite0") and "in place of the paper's" in backbone
+    assert "fine-tuned by DEFEND" in backbone and "fine-tuned by DEFEND" in det.meta()["teacher"]
