@@ -135,7 +135,7 @@ def test_defect_scores_higher_than_normals(normals):
         ({"coreset_ratio": 2}, r"coreset_ratio must be in \(0, 1\], got 2"),
         ({"max_bank_size": 0}, "max_bank_size must be in"),
         ({"stages": ()}, "stages must not be empty"),
-        ({"image_pooling": "mean"}, "image_pooling must be one of"),
+        ({"image_pooling": "median"}, "image_pooling must be one of"),
         ({"sigma": -1}, "sigma must be in"),
     ],
 )

@@ -81,8 +81,8 @@ def test_image_score_poolings():
 
 
 def test_image_score_rejects_unknown_pooling():
-    with pytest.raises(ValueError, match="unknown image-score pooling 'mean'"):
-        image_score(torch.rand(1, 4, 4), "mean")
+    with pytest.raises(ValueError, match="unknown image-score pooling 'median'"):
+        image_score(torch.rand(1, 4, 4), "median")
 
 
 def test_upsample_shapes_and_values():

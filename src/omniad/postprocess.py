@@ -72,14 +72,17 @@ def max_pooled(maps: Tensor, kernel: int = 16) -> Tensor:
 
 
 def image_score(maps: Tensor, pooling: str = "top1", fraction: float = 0.01, kernel: int = 16) -> Tensor:
-    """Pool (B, H, W) maps to (B,) image scores. ``pooling``: "top1" (protocol default), "max", "maxpool"."""
+    """Pool (B, H, W) maps to (B,) image scores. ``pooling``: "top1" (protocol default), "max", "maxpool", "mean"
+    (the whole map's mean: the image-level discrepancy of semantic novelty detection)."""
     if pooling == "top1":
         return top_fraction_mean(maps, fraction)
     if pooling == "max":
         return maps.flatten(1).max(dim=1).values
     if pooling == "maxpool":
         return max_pooled(maps, kernel)
-    raise ValueError(f"unknown image-score pooling {pooling!r}; use 'top1', 'max' or 'maxpool'")
+    if pooling == "mean":
+        return maps.flatten(1).mean(dim=1)
+    raise ValueError(f"unknown image-score pooling {pooling!r}; use one of {POOLINGS}")
 
 
 def to_scores(
@@ -102,7 +105,7 @@ def to_scores(
     return image_score(maps, pooling, fraction=top_fraction, kernel=pool_kernel), maps
 
 
-POOLINGS = ("top1", "max", "maxpool")
+POOLINGS = ("top1", "max", "maxpool", "mean")
 
 __all__ = [
     "POOLINGS",

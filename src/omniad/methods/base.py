@@ -100,8 +100,8 @@ class BaseDetector:
             decision threshold; 0 disables calibration.
         target_far: false-alarm rate on held-out normal images that the calibrated threshold aims at.
         sigma: Gaussian smoothing of the up-sampled map (None: the method's default; the protocol's is 4).
-        image_pooling: image score from the map: "top1" (mean of the top ``top_fraction``), "max" or "maxpool"
-            (max of the ``pool_kernel``-averaged map); None: the method's default.
+        image_pooling: image score from the map: "top1" (mean of the top ``top_fraction``), "max", "maxpool"
+            (max of the ``pool_kernel``-averaged map) or "mean" (of the whole map); None: the method's default.
         top_fraction: share of the highest map values averaged by "top1" pooling (protocol: 0.01, the top 1%).
         pool_kernel: averaging window of "maxpool" pooling (UniAD: 16).
         progress: show progress bars.

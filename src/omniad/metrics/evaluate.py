@@ -384,6 +384,9 @@ def describe_detector(detector: Any) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+    note = getattr(detector, "backbone_note", None)  # e.g. a teacher standing in for the paper's
+    if note:
+        meta["backbone"] = f"{meta['backbone']} ({note})"
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         meta["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return meta
