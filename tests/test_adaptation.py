@@ -106,7 +106,8 @@ def test_the_zero_shot_score_of_an_image_does_not_depend_on_the_batch_order_or_s
     permuted = detector.score(batch[perm])
     torch.testing.assert_close(permuted.image_scores, scores.image_scores[perm], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(permuted.anomaly_maps, scores.anomaly_maps[perm], rtol=1e-5, atol=1e-5)
-    small_batches = _make("musc", batch_size=3, calibration_fraction=0.0).fit(normals).score(batch)  # chunked extraction, one mutual score
+    # extracted in chunks of 3, scored in one mutual pass: the same scores
+    small_batches = _make("musc", batch_size=3, calibration_fraction=0.0).fit(normals).score(batch)
     torch.testing.assert_close(small_batches.image_scores, scores.image_scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at least 2 images, got 1"):
         detector.score(batch[:1])

@@ -40,12 +40,12 @@ def golden_settings() -> dict[str, tuple[str, dict]]:
 
 def main(only: list[str]) -> None:
     torch.set_num_threads(1)
+    from safetensors.torch import load_file
+
     from conftest import SYNTHETIC_PARAMS
     from omniad import create_detector
     from omniad.data import MVTecDataset
     from omniad.data.synthetic import make_synthetic_dataset
-
-    from safetensors.torch import load_file
 
     settings = golden_settings()
     tensors, meta = {}, {}

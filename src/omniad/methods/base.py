@@ -522,7 +522,8 @@ class BaseDetector:
         self._check_scores_one_image()
 
     def _check_scores_one_image(self) -> None:
-        """Score a grey image (as many as a call needs), so that tampered weights (indices out of range, NaN) fail at load, not later."""
+        """Score a grey image (as many as one call needs), so that tampered weights (indices out of range, NaN)
+        fail at load, not later."""
         probe = torch.full((self.min_score_batch, 3, self.image_size, self.image_size), 0.5)
         try:
             result = self.score(probe)

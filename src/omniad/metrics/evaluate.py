@@ -175,7 +175,7 @@ def score_set_images(detector: Any, images: Any, progress: bool = False, batch_s
 
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
     if getattr(detector, "min_score_batch", 1) > 1:  # a mutual scorer (musc) scores the whole set in one call
-        batch_size = n
+        batch_size = max(1, len(images))
     parts = [
         detector.score(batch).image_scores.detach().double().cpu().reshape(-1)
         for batch in iterate_batches(images, batch_size, progress, desc="calibrating")
