@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the pack
 from common import DEFAULT_DATA, batch_samples, parse_params, publish, scored_set
 
 from omniad import create_detector, list_detectors, load_detector
-from omniad.adaptation import recalibrate
+from omniad.adaptation import adapt, recalibrate
 from omniad.data import MVTecDataset, make_synthetic_dataset
 from omniad.data.protocols import cross_class_split
 from omniad.data.sources import iterate_samples
@@ -147,15 +147,17 @@ def new_type_rows(label: str, method: str, params: dict, split: str, train, test
             started = time.perf_counter()
             model = load_detector(folder / "model")
             model.progress = False
-            if k and method != "musc":
-                model.adapt_prototypes(shots[category][:k])
+            if k and method != "musc":  # adapted on the k normals, threshold from them left-one-out
+                adapt(model, shots[category][:k], 0.0)
             scores = model.score_cached(feats)
             report = report_from_scores(scored_set(samples, scores), None, describe_detector(model)).rows[category]
             values = scores.image_scores.double().numpy()
             far_before = float(np.mean(values[normal] > before.threshold))
             after = caught = "n/a"
             if k:
-                threshold = recalibrate(model, shots[category][:k], 0.0).threshold
+                if method == "musc":  # zero-shot: the k normals scored against each other
+                    recalibrate(model, shots[category][:k], 0.0)
+                threshold = model.threshold_
                 after = f"{np.mean(values[normal] > threshold):.2f}"
                 caught = f"{np.mean(values[~normal] > threshold):.2f}"
             rows.append(f"| {split} | {category} | {label} | {k} | {report['image_auroc']:.3f} | "
@@ -200,7 +202,9 @@ def new_type_table(args, argv, rows: list[str], seconds: float) -> list[str]:
         "Each model is fitted once on the seen types (10% of them held out for its threshold, target false-alarm "
         "rate 0.01); k = the normal images of the unseen type (from its train split, seeded) given to "
         "`adapt_prototypes` (pmad: added prototypes; patchcore: added bank patches; musc: none, it is zero-shot) "
-        "and to `recalibrate` (target 0: the threshold at the highest of the k normal scores). FAR seen-thr: share "
+        "and, with target 0, to the new threshold: the highest of the k normal scores, each scored by the model "
+        "adapted on the other k - 1 (`omniad.adaptation.adapt`; musc: the k scored against each other). FAR "
+        "seen-thr: share "
         "of the unseen type's test normals above the seen types' threshold; FAR after / caught after: share of its "
         "test normals / defective images above the threshold recalibrated on the k normals. musc scores each "
         "type's whole test set against itself (mutual scoring). Real-data subsets: at most "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omniad import create_detector, load_detector
-from omniad.adaptation import check_far_resolvable, read_normals, recalibrate
+from omniad.adaptation import adapt, check_far_resolvable, read_normals, recalibrate
 from omniad.cli import main
 from omniad.data import MVTecDataset
 from omniad.registry import detector_class
@@ -88,6 +88,21 @@ def test_recalibration_from_k_normals_sets_the_threshold_at_the_target_rate_on_t
     assert not detector.decide(scores).any() and detector.threshold_ == pytest.approx(scores.max())
 
 
+def test_the_threshold_after_adapting_scores_each_normal_with_the_model_adapted_on_the_others(data, tmp_path):
+    train, normals, _ = data
+    _make("patchcore").fit(train).save(tmp_path / "m")
+    shots = normals[:3]
+    expected = []
+    for i in range(3):  # by hand: a fresh copy adapted on the other two scores the third
+        copy = load_detector(tmp_path / "m").adapt_prototypes(torch.cat([shots[:i], shots[i + 1:]]))
+        expected.append(float(copy.score(shots[i : i + 1]).image_scores))
+    detector = adapt(load_detector(tmp_path / "m"), shots, target_far=0.0)
+    assert detector.threshold_ == pytest.approx(max(expected), rel=1e-5)
+    assert detector.threshold_ > 10 * float(detector.score(shots).image_scores.max())  # not its own references
+    all_three = load_detector(tmp_path / "m").adapt_prototypes(shots)
+    assert torch.equal(detector.net_.memory_bank, all_three.net_.memory_bank)  # adapted on all k in the end
+
+
 def test_k_too_small_for_the_target_rate_is_refused_clearly():
     with pytest.raises(ValueError, match=r"4 normal images cannot set a threshold at false-alarm rate 0.01.*100"):
         check_far_resolvable(4, 0.01)
@@ -143,7 +158,7 @@ def test_cli_adapt_then_the_model_has_the_new_references_and_a_threshold(saved, 
                  "--target-far", "0"]) == 0
     adapted = load_detector(tmp_path / "m2")
     assert adapted.net_.memory_bank.shape[0] > bank
-    assert adapted.calibration_.target_far == 0.0 and "after adapting" in adapted.calibration_.source
+    assert adapted.calibration_.target_far == 0.0 and "adapted on the others" in adapted.calibration_.source
 
 
 def test_cli_refuses_an_empty_normals_folder_and_a_rate_k_cannot_resolve(saved, tmp_path, capsys):

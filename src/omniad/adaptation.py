@@ -78,11 +78,39 @@ def recalibrate(detector: Any, normals: Any, target_far: float | None = None, so
     return detector.calibrate(normals, far, source or f"recalibrated on {len(normals)} normal images")
 
 
-def adapt(detector: Any, normals: Any) -> Any:
-    """Few-shot adaptation: ``detector.adapt_prototypes(normals)`` (its calibration is dropped: recalibrate)."""
-    if len(normals) == 0:
+def adapt(detector: Any, normals: Tensor, target_far: float | None = None, source: str | None = None) -> Any:
+    """Few-shot adaptation: ``detector.adapt_prototypes(normals)``; with ``target_far``, also the threshold from the
+    same k images, each scored by the model adapted on the OTHER k - 1 (leave-one-out: an image among its own
+    references scores about 0, and a threshold on such scores flags every other normal image: measured, see
+    benchmarks/results/cross_class_new_type.md). Without ``target_far`` the adapted model has no threshold.
+
+    Args:
+        detector: a fitted detector whose method has normal references (pmad, patchcore).
+        normals: (K, 3, H, W) normal images of the new type in [0, 1].
+        target_far: the false-alarm rate for the new threshold (None: leave the model uncalibrated).
+        source: where the images came from, kept in the calibration.
+
+    Returns:
+        The detector, adapted (and recalibrated).
+    """
+    count = len(normals)
+    if count == 0:
         raise ValueError("adaptation needs at least one normal image of the new type; none were given")
-    return detector.adapt_prototypes(normals)
+    held_out = []
+    if target_far is not None:
+        check_far_resolvable(count, target_far)
+        meta, tensors = detector.fitted_meta(), detector.state_tensors()
+        for i in range(count):
+            others = torch.cat([normals[:i], normals[i + 1 :]])
+            if len(others):
+                detector.adapt_prototypes(others)
+            held_out.append(detector.score(normals[i : i + 1]).image_scores)
+            detector.load_state(meta, tensors)  # back to the model before adaptation
+    detector.adapt_prototypes(normals)
+    if target_far is not None:
+        text = source or f"{count} normal images, each scored by the model adapted on the others"
+        detector.calibration_ = Calibration.from_normal_scores(torch.cat(held_out), target_far, text)
+    return detector
 
 
 __all__ = ["adapt", "check_far_resolvable", "read_normals", "recalibrate"]

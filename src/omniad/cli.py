@@ -275,12 +275,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from omniad.adaptation import adapt, recalibrate
+    from omniad.adaptation import adapt
 
     detector, normals, source = _new_type(args)
-    adapt(detector, normals)
-    if args.target_far is not None:
-        recalibrate(detector, normals, args.target_far, f"recalibrated on {source} after adapting to them")
+    adapt(detector, normals, args.target_far, f"{source}, each scored by the model adapted on the others")
     detector.save(args.out)
     print(f"adapted {detector.name} to {source}; {_calibration_line(detector)}\nsaved model to {args.out}")
     return 0
@@ -372,8 +370,9 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
     p.add_argument("--normals", required=True, help="folder of normal images of the new type")
     p.add_argument("--out", required=True, help="model folder to write the adapted model to")
-    p.add_argument("--target-far", type=float, help="also recalibrate on the same images at this false-alarm "
-                   "rate (without it the adapted model has no threshold: run `omniad calibrate`)")
+    p.add_argument("--target-far", type=float, help="also set the threshold from the same images at this "
+                   "false-alarm rate, each scored by the model adapted on the others (without it the adapted "
+                   "model has no threshold)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
 
     p = sub.add_parser("list", help="list the registered detectors")
