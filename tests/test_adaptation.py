@@ -172,3 +172,13 @@ def test_cli_refuses_an_empty_normals_folder_and_a_rate_k_cannot_resolve(saved, 
     assert main(["calibrate", "--model", str(model), "--normals", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert (model / "config.json").read_bytes() == original  # a refused calibration never touches the model
+
+
+def test_predict_scores_a_folder_with_the_zero_shot_method_in_one_mutual_call(data, synthetic_root, tmp_path):
+    from omniad.prediction import predict
+
+    folder = synthetic_root / UNSEEN / "test"
+    detector = _make("musc", calibration_fraction=0.25, batch_size=3).fit(data[1])
+    result = predict(detector, [folder], tmp_path / "out", overlays=False)  # 8 images: not in chunks of 3
+    images, _ = read_normals(folder, SIZE)
+    np.testing.assert_allclose(result.scores, detector.score(images).image_scores.numpy(), rtol=1e-5)
