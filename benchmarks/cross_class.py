@@ -27,12 +27,14 @@ import torch
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the package is not pip-installed here
-from common import DEFAULT_DATA, batch_samples, parse_params, scored_set
+from common import DEFAULT_DATA, batch_samples, parse_params, publish, scored_set
 
-from omniad import create_detector, list_detectors
+from omniad import create_detector, list_detectors, load_detector
+from omniad.adaptation import adapt, recalibrate
 from omniad.data import MVTecDataset, make_synthetic_dataset
 from omniad.data.protocols import cross_class_split
 from omniad.data.sources import iterate_samples
+from omniad.features import feature_cat, feature_to
 from omniad.metrics import describe_detector, evaluate, report_from_scores
 from omniad.types import AnomalyScores
 
@@ -106,6 +108,115 @@ def run(method: str, params: dict, train, test, variants: list[str] | None) -> l
     return out
 
 
+# ----------------------------------------------------------------- a new type: zero-shot, few-shot, recalibration
+SHOTS = (0, 1, 4, 8)
+NEW_TYPE_METHODS: dict[str, tuple[str, dict]] = {
+    "pmad": ("pmad", {"preset": "cpu"}),
+    "pmad residual": ("pmad", {"preset": "cpu", "feature_residual": "image"}),
+    "patchcore": ("patchcore", CPU_SETTINGS["patchcore"]),
+    "musc (zero-shot)": ("musc", {}),
+}
+
+
+def cached_test(detector, test) -> tuple[object, list]:
+    """``features`` of every test image (computed once, on the CPU) and the samples without their pixels."""
+    feats, samples = [], []
+    with torch.no_grad():
+        for batch in iterate_samples(test, detector.batch_size):
+            feats.append(feature_to(detector.features(batch.images.to(detector.device_)), "cpu", torch.float32))
+            samples += batch_samples(batch)
+    return feature_cat(feats), samples
+
+
+def new_type_rows(label: str, method: str, params: dict, split: str, train, tests: dict, shots: dict,
+                  folder: Path) -> list[str]:
+    """One fit on the seen types; per unseen type and k: adapt on k normals (a fresh copy of the saved model),
+    score the cached test features, recalibrate on the same k normals (target 0: the highest of their scores)."""
+    started = time.perf_counter()
+    fitted = create_detector(method, **params).fit(train)  # holds out 10% of the seen types for its threshold
+    fit_s = time.perf_counter() - started
+    fitted.save(folder / "model")
+    before = fitted.calibration_
+    rows = []
+    for category, test in tests.items():
+        feats, samples = cached_test(fitted, test)
+        normal = np.array([s.label == 0 for s in samples])
+        for k in SHOTS:
+            if method == "musc" and k == 1:
+                continue  # mutual scoring needs 2 normals to calibrate
+            started = time.perf_counter()
+            model = load_detector(folder / "model")
+            model.progress = False
+            if k and method != "musc":  # adapted on the k normals, threshold from them left-one-out
+                adapt(model, shots[category][:k], 0.0)
+            scores = model.score_cached(feats)
+            report = report_from_scores(scored_set(samples, scores), None, describe_detector(model)).rows[category]
+            values = scores.image_scores.double().numpy()
+            far_before = float(np.mean(values[normal] > before.threshold))
+            after = caught = "n/a"
+            if k:
+                if method == "musc":  # zero-shot: the k normals scored against each other
+                    recalibrate(model, shots[category][:k], 0.0)
+                threshold = model.threshold_
+                after = f"{np.mean(values[normal] > threshold):.2f}"
+                caught = f"{np.mean(values[~normal] > threshold):.2f}"
+            rows.append(f"| {split} | {category} | {label} | {k} | {report['image_auroc']:.3f} | "
+                        f"{report['pixel_auroc']:.3f} | {report['pixel_aupro']:.3f} | {far_before:.2f} | {after} | "
+                        f"{caught} | {report['n_normal']}+{report['n_defective']} | {fit_s:.0f} | "
+                        f"{time.perf_counter() - started:.0f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def run_new_type(args, jobs: list) -> list[str]:
+    """The new-type table: every method of ``NEW_TYPE_METHODS`` on every cross-class job."""
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="omniad-new-type-") as tmp:
+        for _, split, root, train_cats, test_cats, _ in jobs:
+            real = root == Path(args.data)
+            train = MVTecDataset(root, categories=train_cats, split="train", image_size=args.image_size)
+            if real:
+                train = subsample(train, args.max_train, False, args.seed)
+            tests, shots = {}, {}
+            for category in test_cats:
+                test = MVTecDataset(root, categories=[category], split="test", image_size=args.image_size)
+                tests[category] = subsample(test, args.max_test_per_type, True, args.seed) if real else test
+                pool = MVTecDataset(root, categories=[category], split="train", image_size=args.image_size)
+                pick = np.random.default_rng(args.seed).choice(len(pool), size=max(SHOTS), replace=False)
+                shots[category] = torch.stack([pool[int(i)].image for i in pick])  # the new type's k normals
+            for label, (method, settings) in NEW_TYPE_METHODS.items():
+                params = {**settings, "weights": args.weights, "image_size": args.image_size, "seed": args.seed,
+                          "progress": False}
+                rows += new_type_rows(label, method, params, split, train, tests, shots, Path(tmp))
+    return rows
+
+
+def new_type_table(args, argv, rows: list[str], seconds: float) -> list[str]:
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    return [
+        "# A type never seen: cross-class, few-shot and zero-shot", "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads (2-core CPU shared with other "
+        f"jobs), torch {torch.__version__}. Total wall time {seconds / 60:.1f} min.  ",
+        f"Protocol: tf_efficientnet_lite0 ({args.weights} ImageNet weights), {args.image_size} px, seed {args.seed}. "
+        "Each model is fitted once on the seen types (10% of them held out for its threshold, target false-alarm "
+        "rate 0.01); k = the normal images of the unseen type (from its train split, seeded) given to "
+        "`adapt_prototypes` (pmad: added prototypes; patchcore: added bank patches; musc: none, it is zero-shot) "
+        "and, with target 0, to the new threshold: the highest of the k normal scores, each scored by the model "
+        "adapted on the other k - 1 (`omniad.adaptation.adapt`; musc: the k scored against each other). FAR "
+        "seen-thr: share "
+        "of the unseen type's test normals above the seen types' threshold; FAR after / caught after: share of its "
+        "test normals / defective images above the threshold recalibrated on the k normals. musc scores each "
+        "type's whole test set against itself (mutual scoring). Real-data subsets: at most "
+        f"{args.max_train or 'all'} training images per seen type, {args.max_test_per_type or 'all'} test images "
+        "per defect type (seeded).", "",
+        "| train -> test | unseen type | method | k | I-AUROC | P-AUROC | AU-PRO | FAR seen-thr | FAR after | "
+        "caught after | test normal+defective | fit s | score s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="root of the real industrial set")
@@ -114,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a method parameter (YAML value), e.g. pmad.epochs=20; repeatable")
     parser.add_argument("--pmad-variants", default="entropy,cross_entropy,cross_entropy*prototype,prototype",
                         help="PMAD scores to report, all from one fit and one scoring pass (see PMAD.score_variants)")
-    parser.add_argument("--settings", default="real,synthetic,unified", help="which settings to run")
+    parser.add_argument("--settings", default="real,synthetic,unified",
+                        help="which settings to run: real, synthetic, unified, and new-type (a type never seen: "
+                             "zero-shot, few-shot k = 0, 1, 4, 8 and recalibration; its own table, --new-type-out)")
     parser.add_argument("--max-train", type=int, default=None, help="normal training images per category")
     parser.add_argument("--max-test-per-type", type=int, default=None,
                         help="test images per category and defect type (normal 'good' counts as a type)")
@@ -123,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="offline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cross_class.md")
+    parser.add_argument("--new-type-out", default="benchmarks/results/cross_class_new_type.md")
     args = parser.parse_args(argv)
 
     known = list_detectors()
@@ -153,6 +267,17 @@ def main(argv: list[str] | None = None) -> int:
                                       image_size=args.image_size, seed=args.seed)
         for split in SYNTHETIC_SPLITS:
             jobs.append(("synthetic cross-class", split, root, *cross_class_split(split), methods))
+
+    if "new-type" in settings:
+        new_jobs = [("new type", split, Path(args.data), *cross_class_split(split), []) for split in REAL_SPLITS]
+        synthetic = make_synthetic_dataset(Path(tmp.name) / "new-type", n_train=args.synthetic_train, n_test_good=8,
+                                           n_test_defect=8, image_size=args.image_size, seed=args.seed)
+        new_jobs.append(("new type", SYNTHETIC_SPLITS[0], synthetic, *cross_class_split(SYNTHETIC_SPLITS[0]), []))
+        rows = run_new_type(args, new_jobs)
+        publish(new_type_table(args, argv, rows, time.perf_counter() - started_all), args.new_type_out)
+    if not jobs:
+        tmp.cleanup()
+        return 0
 
     lines: list[str] = []
     for setting, split, root, train_cats, test_cats, job_methods in jobs:

@@ -332,9 +332,14 @@ def _wrappable() -> list[str]:
     names = []
     for name in list_detectors():
         cls = detector_class(name)
-        if issubclass(cls, BaseDetector) and not getattr(cls, "wraps_base", False):
+        if issubclass(cls, BaseDetector) and not getattr(cls, "wraps_base", False) and cls.min_score_batch == 1:
             names.append(name)
     return names
+
+
+def test_a_mutual_scorer_is_refused_as_a_base():
+    with pytest.raises(ValueError, match="'musc' scores the images of a call against each other"):
+        CADA(base="musc").fit(torch.rand(4, 3, 32, 32))
 
 
 @pytest.mark.parametrize("name", _wrappable())

@@ -234,3 +234,17 @@ def test_score_resizes_another_image_size(fitted):
     other = torch.rand(1, 3, 40, 40)
     assert fitted.score(other).anomaly_maps.shape == (1, 32, 32)
     torch.testing.assert_close(fitted.score(other).image_scores, fitted.score(resize_image(other, 32)).image_scores)
+
+
+def test_the_image_residual_removes_what_a_whole_image_shares():
+    """feature_residual="image": a patch feature minus its image's mean, so a brightness or texture shift common
+    to every patch of an image (what tells one product type from another) does not reach tokens or prototypes."""
+    kwargs = dict(preset="cpu", patch_size=8, weights="random", image_size=32, device="cpu", progress=False)
+    detector = create_detector("pmad", feature_residual="image", **kwargs).prepare()
+    images = torch.rand(2, 3, 32, 32)
+    features = detector.features(images)
+    assert features.mean((2, 3)).abs().max() < 1e-5
+    from omniad.features import fuse_stages
+
+    plain = fuse_stages(detector.backbone_(images), size=detector.grid, mode="area")  # the paper's features
+    torch.testing.assert_close(features, plain - plain.mean((2, 3), keepdim=True))

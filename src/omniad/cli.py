@@ -6,6 +6,8 @@
     omniad predict  --model MODEL FILES_OR_FOLDERS --out DIR   (exit status 1: some files could not be read)
     omniad export   --model MODEL --format onnx|openvino --out FILE
     omniad serve    --model MODEL [--host 127.0.0.1 --port 8000]  (HTTP service and page; needs omniad[serve])
+    omniad calibrate --model MODEL --normals DIR [--target-far F] [--out MODEL2]   (threshold for a new type)
+    omniad adapt    --model MODEL --normals DIR --out MODEL2 [--target-far F]     (few-shot: add its normals)
     omniad list
     omniad demo     [--out DIR]
 """
@@ -303,6 +305,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_type(args: argparse.Namespace):
+    """The saved model and the normal images of the new type (``--model``, ``--normals``)."""
+    from omniad.adaptation import read_normals
+    from omniad.io import load_detector
+
+    detector = load_detector(args.model, device=args.device)
+    normals, files = read_normals(args.normals, detector.image_size)
+    return detector, normals, f"{len(files)} normal images in {args.normals}"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from omniad.adaptation import recalibrate
+
+    detector, normals, source = _new_type(args)
+    before = _calibration_line(detector)
+    recalibrate(detector, normals, args.target_far, f"recalibrated on {source}")
+    out = args.out or args.model
+    detector.save(out)  # atomic: the previous bundle stays whole until the new one is in place
+    print(f"before: {before}\nafter:  {_calibration_line(detector)}\nsaved model to {out}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from omniad.adaptation import adapt
+
+    detector, normals, source = _new_type(args)
+    adapt(detector, normals, args.target_far, f"{source}, each scored by the model adapted on the others")
+    detector.save(args.out)
+    print(f"adapted {detector.name} to {source}; {_calibration_line(detector)}\nsaved model to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from omniad.demo import run_demo
 
@@ -377,6 +411,23 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
 
+    p = sub.add_parser("calibrate", help="re-set a saved model's threshold from normal images of a (new) type")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--normals", required=True, help="folder of normal images of the type to inspect")
+    p.add_argument("--target-far", type=float, help="false-alarm rate on those images (default: the model's); "
+                   "k images resolve steps of 1/k, 0 = the highest of their scores")
+    p.add_argument("--out", help="model folder to write (default: --model, replaced atomically)")
+    p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+    p = sub.add_parser("adapt", help="few-shot: add normal images of a new type to a saved model's normal "
+                       "references (pmad prototypes, patchcore bank); no retraining")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--normals", required=True, help="folder of normal images of the new type")
+    p.add_argument("--out", required=True, help="model folder to write the adapted model to")
+    p.add_argument("--target-far", type=float, help="also set the threshold from the same images at this "
+                   "false-alarm rate, each scored by the model adapted on the others (without it the adapted "
+                   "model has no threshold)")
+    p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+
     p = sub.add_parser("list", help="list the registered detectors")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every parameter with its default")
 
@@ -433,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_export(args)
         elif args.command == "serve":
             code = cmd_serve(args)
+        elif args.command == "calibrate":
+            code = cmd_calibrate(args)
+        elif args.command == "adapt":
+            code = cmd_adapt(args)
         elif args.command == "list":
             code = cmd_list(args)
         else:

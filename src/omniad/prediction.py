@@ -380,6 +380,8 @@ def predict(
         if readers is None:  # the model's own preference (an exported file's runtime), else by device
             on_gpu = str(getattr(detector, "device_", "cpu")).startswith("cuda")
             readers = getattr(detector, "default_readers", min(4, os.cpu_count() or 1) if on_gpu else 0)
+        if getattr(detector, "min_score_batch", 1) > 1:  # a mutual scorer (musc): every image in one call
+            batch_size = max(1, len(mine))
         chunks = _chunks(mine, batch_size, show and is_main())
         for number, loaded in enumerate(_loaded_chunks(chunks, size, readers)):
             good, images = [], []

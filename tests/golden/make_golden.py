@@ -1,10 +1,10 @@
 """Record every registered detector's scores on the tiny synthetic set (fixed seed) as the golden reference.
 
 The lifecycle refactor (issue "One detector lifecycle") must keep these numbers to 1e-5; ``tests/test_golden.py``
-compares against the file this writes. Run it only when a change of scores is intended, and say so in the commit;
-name keys to re-record only those and keep the others:
+compares against the file this writes. Run it only when a change of scores is intended, and say so in the commit:
 
-    python tests/golden/make_golden.py [KEY ...]
+    python tests/golden/make_golden.py            # every key
+    python tests/golden/make_golden.py musc       # only these keys; the others stay as recorded
 """
 
 from __future__ import annotations
@@ -38,24 +38,24 @@ def golden_settings() -> dict[str, tuple[str, dict]]:
     return settings
 
 
-def main(keys: list[str]) -> None:
+def main(only: list[str]) -> None:
     torch.set_num_threads(1)
+    from safetensors.torch import load_file
+
     from conftest import SYNTHETIC_PARAMS
     from omniad import create_detector
     from omniad.data import MVTecDataset
     from omniad.data.synthetic import make_synthetic_dataset
 
     settings = golden_settings()
-    unknown = sorted(set(keys) - set(settings))
-    if unknown:
-        raise SystemExit(f"unknown keys {unknown}; known: {', '.join(settings)}")
     tensors, meta = {}, {}
-    if keys:  # keep every other key's recorded scores
-        from safetensors.torch import load_file
-
-        tensors = {k: v for k, v in load_file(str(GOLDEN)).items() if k.split(".")[0] not in keys}
-        meta = {k: v for k, v in json.loads(META.read_text()).items() if k not in keys}
-        settings = {k: v for k, v in settings.items() if k in keys}
+    if only:  # re-record these keys, keep every other as it was
+        unknown = sorted(set(only) - set(settings))
+        if unknown:
+            raise SystemExit(f"unknown golden keys {unknown}; known: {', '.join(sorted(settings))}")
+        tensors = {k: v for k, v in load_file(str(GOLDEN)).items() if k.split(".")[0] not in only}
+        meta = {k: v for k, v in json.loads(META.read_text()).items() if k not in only}
+        settings = {k: v for k, v in settings.items() if k in only}
     with tempfile.TemporaryDirectory() as tmp:
         params = dict(SYNTHETIC_PARAMS)
         root = make_synthetic_dataset(Path(tmp), categories=list(params.pop("categories")), **params)

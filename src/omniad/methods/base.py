@@ -138,6 +138,8 @@ class BaseDetector:
     }
     # False: ``extract`` streams batches instead of caching the whole set (features too large to hold)
     cache_features: ClassVar[bool] = True
+    # fewest images one ``score`` call takes (2 for methods that score the images of a call against each other)
+    min_score_batch: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -475,6 +477,38 @@ class BaseDetector:
         self.calibration_ = Calibration.from_normal_scores(scores, far, source or "calibrate() on given images")
         return self.calibration_
 
+    # ----------------------------------------------------------------- few-shot adaptation
+    def adapt_prototypes(self, normal_images: Any) -> BaseDetector:
+        """Few-shot adaptation to a product type the model never saw: add what k normal images of it look like to
+        the model's normal references (``adapt_features``: PMAD's prototypes, PatchCore's memory bank), without
+        training any network. The references of the seen types stay, so they are inspected as before.
+
+        The calibration is dropped (the scores change): recalibrate on normal images of the new type with
+        ``calibrate`` (or ``omniad.adaptation.recalibrate``).
+
+        Args:
+            normal_images: normal images of the new type, in any form ``fit`` takes.
+
+        Returns:
+            self, adapted.
+        """
+        self._check_fitted()
+        if type(self).adapt_features is BaseDetector.adapt_features:
+            raise NotImplementedError(f"{self.name} has no normal references to adapt (few-shot adaptation is "
+                                      "implemented by methods with prototypes or a memory bank: pmad, patchcore)")
+        images = as_image_dataset(normal_images, self.image_size)
+        if len(images) == 0:
+            raise ValueError("adapt_prototypes needs at least one normal image of the new type; none were given")
+        with torch.no_grad():
+            self.adapt_features(self.extract(images))
+        self.calibration_ = None
+        return self
+
+    def adapt_features(self, features: Features) -> None:
+        """Hook of ``adapt_prototypes``: extend the normal references with these cached features of new normal
+        images; only methods with such references implement it (the network, if any, must not change)."""
+        raise NotImplementedError
+
     @property
     def threshold_(self) -> float:
         """The calibrated decision threshold (NaN when the detector has no calibration)."""
@@ -578,8 +612,9 @@ class BaseDetector:
         self._check_scores_one_image()
 
     def _check_scores_one_image(self) -> None:
-        """Score one grey image, so that tampered weights (indices out of range, NaN) fail at load, not later."""
-        probe = torch.full((1, 3, *self.input_hw), 0.5)
+        """Score a grey image (as many as one call needs), so that tampered weights (indices out of range, NaN)
+        fail at load, not later."""
+        probe = torch.full((self.min_score_batch, 3, *self.input_hw), 0.5)
         try:
             result = self.score(probe)
         except (RuntimeError, IndexError, ValueError) as err:

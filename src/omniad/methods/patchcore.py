@@ -162,6 +162,11 @@ class PatchCore(BaseDetector):
         self.net_.memory_bank.copy_(patches[index.cpu()].to(self.device_))
         self.net_.eval()
 
+    def adapt_features(self, features: Tensor) -> None:
+        """Few-shot: every patch of the new normal images joins the memory bank (k images are few; no coreset)."""
+        patches = features.permute(0, 2, 3, 1).flatten(0, 2).to(self.device_, self.net_.memory_bank.dtype)
+        self.net_.memory_bank = torch.cat([self.net_.memory_bank, patches])
+
     def score_features(self, features: Tensor) -> Tensor | RawScores:
         if self.resolved_.image_pooling != "reweighted":
             return self.net_.distances(features)

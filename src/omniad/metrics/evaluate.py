@@ -95,6 +95,8 @@ def score_set(detector: Any, dataset: Any, progress: bool = True, batch_size: in
     if n == 0:
         raise ValueError("evaluate needs at least one test sample; the dataset given is empty")
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
+    if getattr(detector, "min_score_batch", 1) > 1:  # a mutual scorer (musc) scores the whole set in one call
+        batch_size = n
     score_seconds = 0.0
     scores = np.empty(n, dtype=np.float64)
     labels = np.empty(n, dtype=np.int64)
@@ -192,6 +194,8 @@ def score_set_images(detector: Any, images: Any, progress: bool = False, batch_s
     from omniad.data.sources import iterate_batches
 
     batch_size = int(batch_size or getattr(detector, "batch_size", 16) or 16)
+    if getattr(detector, "min_score_batch", 1) > 1:  # a mutual scorer (musc) scores the whole set in one call
+        batch_size = max(1, len(images))
     parts = [
         detector.score(batch).image_scores.detach().double().cpu().reshape(-1)
         for batch in iterate_batches(images, batch_size, progress, desc="calibrating")

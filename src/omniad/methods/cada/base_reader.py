@@ -54,6 +54,9 @@ def build_base(name: str, base_params: dict[str, Any], common: dict[str, Any]) -
         raise TypeError(f"base detector {name!r} is not a BaseDetector and cannot be wrapped")
     if getattr(cls, "wraps_base", False):
         raise ValueError(f"{name!r} already wraps a base detector; wrap the base itself instead")
+    if cls.min_score_batch > 1:
+        raise ValueError(f"{name!r} scores the images of a call against each other, so its maps of one image "
+                         "depend on the others: CADA cannot align them")
     known = set(cls.param_names())
     unknown = sorted(set(base_params) - known)
     if unknown:

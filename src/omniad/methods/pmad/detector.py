@@ -45,6 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 INPUT_EMBEDDINGS = ("features", "pixels")
 SCORINGS = ("entropy", "cross_entropy")
+FEATURE_RESIDUALS = ("none", "image")
 PROTOTYPE_METHODS = ("coreset", "kmeans")
 
 
@@ -86,6 +87,10 @@ class PMAD(BaseDetector):
             code multiplies its token score by its prototype abnormality map; the paper's text does not).
             Defaults follow the released code; ``scoring="entropy", prototype_weighting=False`` is the text's.
         kmeans_samples: tokenizer and prototypes are fitted on at most this many random training patches.
+        feature_residual: "none" (the backbone's patch features, the paper's) or "image": each patch feature
+            minus its image's mean patch feature, so that tokens and prototypes describe how a patch differs from
+            its own image rather than which product type it shows (a class-adaptive residual; see
+            benchmarks/results/pmad-diagnosis.md for what it changes on unseen types).
         **common: see ``BaseDetector`` (PMAD's defaults: sigma 4, image_pooling "top1", the protocol's).
     """
 
@@ -119,6 +124,7 @@ class PMAD(BaseDetector):
         "inference_masking": Options(INFERENCE_MASKINGS),
         "scoring": Options(SCORINGS),
         "kmeans_samples": POSITIVE_INT,
+        "feature_residual": Options(FEATURE_RESIDUALS),
     }
 
     def __init__(
@@ -150,6 +156,7 @@ class PMAD(BaseDetector):
         scoring: str = "cross_entropy",
         prototype_weighting: bool = True,
         kmeans_samples: int = 100_000,
+        feature_residual: str = "none",
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -179,6 +186,7 @@ class PMAD(BaseDetector):
         self.scoring = scoring
         self.prototype_weighting = prototype_weighting
         self.kmeans_samples = kmeans_samples
+        self.feature_residual = feature_residual
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
         sides = values["image_size"] if isinstance(values["image_size"], (tuple, list)) else [values["image_size"]]
@@ -197,6 +205,8 @@ class PMAD(BaseDetector):
         """(B, C, h, w) backbone features on the patch grid (finer stages area-pooled), with the images for
         ``input_embedding="pixels"``."""
         grid_feats = fuse_stages(self.backbone_(images), size=self.grid, mode="area")
+        if self.resolved_.feature_residual == "image":
+            grid_feats = grid_feats - grid_feats.mean((2, 3), keepdim=True)
         return [grid_feats, images] if self.resolved_.input_embedding == "pixels" else grid_feats
 
     @staticmethod
@@ -254,15 +264,14 @@ class PMAD(BaseDetector):
             codebook.set_codes(kmeans(standardised, self.resolved_.num_prototypes, seed=self.seed))
         return codebook
 
-    @torch.no_grad()
-    def adapt_prototypes(self, normal_images: Any) -> PMAD:
-        """Re-learn the nominal prototypes on normal images of the classes to be inspected (the paper builds
-        prototypes "for both seen and unseen classes"); the tokenizer and the network stay as trained. Optional:
-        without it, prototypes come from the training classes only (pure cross-class)."""
-        self._check_fitted()
-        grid_feats, _ = self._split(self.extract(normal_images))
-        self.prototypes_ = self._fit_prototypes(grid_feats)
-        return self
+    def adapt_features(self, features: Tensor | list[Tensor]) -> None:
+        """Add prototypes of new normal images (the paper builds prototypes "for both seen and unseen classes"):
+        a greedy coreset of their pooled patch features, at most ``num_prototypes`` of them, in the
+        standardisation fitted on the training types; the tokenizer and the network stay as trained."""
+        pooled = self._pooled(self._split(features)[0]).reshape(-1, self.prototypes_.dim).to(self.device_)
+        standardised = self.prototypes_.standardise(pooled)
+        index = greedy_coreset(standardised, min(self.resolved_.num_prototypes, standardised.shape[0]), seed=self.seed)
+        self.prototypes_.set_codes(torch.cat([self.prototypes_.codebook, standardised[index.to(pooled.device)]]))
 
     def _train(self, patch_feats: Tensor, pixels: Tensor | None, tokens: Tensor) -> None:
         r = self.resolved_
