@@ -152,6 +152,11 @@ def test_every_method_fits_and_scores_tiled_and_with_a_pair_image_size(name):
     """The contract in brief for both input modes: maps at the image's own size (tiled) or the aspect-kept
     content (pair), finite, scores that depend on the image."""
     params = {**COMMON, **detector_class(name).test_params, "calibration_fraction": 0.0}
+    if not detector_class(name).supports_input_modes:  # e.g. mutual scoring of whole images: refused, clearly
+        for modes in ({"image_size": 64, "tile_size": 64}, {"image_size": (64, 96)}):
+            with pytest.raises(ValueError, match="whole square images only"):
+                create_detector(name, **{**params, **modes}).fit(_textures(3, 96, 128))
+        return
     tiled = create_detector(name, **{**params, "image_size": 64, "tile_size": 64, "tile_stride": 64})
     tiled.fit(_textures(3, 96, 128))
     images = _textures(2, 100, 130, seed=2)

@@ -140,6 +140,8 @@ class BaseDetector:
     cache_features: ClassVar[bool] = True
     # fewest images one ``score`` call takes (2 for methods that score the images of a call against each other)
     min_score_batch: ClassVar[int] = 1
+    # False: the method scores whole square images only (no tiling, no (height, width) image_size)
+    supports_input_modes: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -232,6 +234,10 @@ class BaseDetector:
         values = {name: getattr(self, name) for name in self.param_names()}
         values = self.derive_params(fill_params(values, self.presets, self.defaults, self.name))
         check_params(values, self.all_constraints(), self.name)
+        whole_square = values.get("tile_size") is None and isinstance(values["image_size"], int)
+        if not (self.supports_input_modes or whole_square):
+            raise ValueError(f"{self.name} scores whole square images only: tile_size and an (height, width) "
+                             "image_size are not supported")
         return _resolve_tiling(values, self.name)
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:

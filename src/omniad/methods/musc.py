@@ -103,6 +103,7 @@ class MuSc(BaseDetector):
         "interval_fraction": Interval(0.0, 1.0, low_open=True),
     }
     min_score_batch = 2
+    supports_input_modes = False  # its own ``score`` compares whole images of one call; tiles would compare tile sets
 
     def __init__(
         self,

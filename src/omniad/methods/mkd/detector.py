@@ -207,10 +207,10 @@ class MKD(BaseDetector):
 
     def _make_student(self) -> MaskedStudent:
         r = self.resolved_
-        if self.image_size % self.stride:
+        if any(side % self.stride for side in self.input_hw):
             raise ValueError(f"mkd: image_size {self.image_size} is not a multiple of the teacher's stride "
                              f"{self.stride} (stage {r.stages[0]} of {self.backbone})")
-        return MaskedStudent(self.image_size, self.stride, int(self.backbone_.channels[-1]), r.embed_dim, r.depth,
+        return MaskedStudent(self.input_hw, self.stride, int(self.backbone_.channels[-1]), r.embed_dim, r.depth,
                              r.num_heads, r.mlp_ratio).to(self.device_)
 
     def features(self, images: Tensor) -> Tensor:
@@ -241,7 +241,7 @@ class MKD(BaseDetector):
         """Side of DEFEND's crops: ``crop_size``, or the paper's 96 / 224 of the image on whole teacher cells."""
         if self.resolved_.crop_size is not None:
             return int(self.resolved_.crop_size)
-        return self.stride * max(2, round(self.image_size * 96 / 224 / self.stride))
+        return self.stride * max(2, round(min(self.input_hw) * 96 / 224 / self.stride))
 
     def fine_tune_teacher(self, images: Tensor) -> list[float]:
         """DEFEND: fine-tune the teacher's last ``defend_blocks`` blocks (and nothing else of it) on ``images``.

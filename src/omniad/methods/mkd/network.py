@@ -18,7 +18,7 @@ class MaskedStudent(nn.Module):
     mask token before positions are added and before the encoder, so no pixel of a masked patch reaches it.
 
     Args:
-        image_size: side of the (square) input images.
+        image_size: (height, width) of the input images, or the side of square ones.
         patch_size: side of a patch in pixels: the teacher's stride, so the student's grid is the teacher's.
         out_channels: channels of the teacher's features (a linear head maps the ViT width to them).
         embed_dim: ViT width.
@@ -29,7 +29,7 @@ class MaskedStudent(nn.Module):
 
     def __init__(
         self,
-        image_size: int,
+        image_size: int | tuple[int, int],
         patch_size: int,
         out_channels: int,
         embed_dim: int = 384,
@@ -38,7 +38,7 @@ class MaskedStudent(nn.Module):
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
+        if any(side % patch_size for side in ((image_size,) * 2 if isinstance(image_size, int) else image_size)):
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         self.vit = VisionTransformer(
             img_size=image_size, patch_size=patch_size, num_classes=0, global_pool="", embed_dim=embed_dim,
