@@ -45,6 +45,7 @@ class Backbone(nn.Module):
             self.model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         else:
             self.model = timm.create_model(name, pretrained=False, **kwargs)
+            self._drop_unused_blocks()  # before loading: a weights file need not hold the blocks never run
             if source is not None:
                 _load_features(self.model, source, name)
         cfg = self.model.pretrained_cfg if hasattr(self.model, "pretrained_cfg") else {}
@@ -53,7 +54,7 @@ class Backbone(nn.Module):
         for key, value in (("mean", mean), ("std", std)):
             buffer = torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
             self.register_buffer(key, buffer, persistent=False)
-        self._drop_unused_blocks()
+        self._drop_unused_blocks()  # (the hub path: timm loaded the whole model)
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.strides: list[int] = list(self.model.feature_info.reduction())
         self.model.to(memory_format=torch.channels_last)
