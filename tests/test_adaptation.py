@@ -182,3 +182,11 @@ def test_predict_scores_a_folder_with_the_zero_shot_method_in_one_mutual_call(da
     result = predict(detector, [folder], tmp_path / "out", overlays=False)  # 8 images: not in chunks of 3
     images, _ = read_normals(folder, SIZE)
     np.testing.assert_allclose(result.scores, detector.score(images).image_scores.numpy(), rtol=1e-5)
+
+
+def test_read_normals_says_which_entries_it_did_not_use(saved, tmp_path):
+    _, normals_dir = saved
+    (normals_dir / "readme.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="readme.txt"):
+        images, files = read_normals(normals_dir, SIZE)
+    assert len(files) == images.shape[0] and all(f.suffix != ".txt" for f in files)

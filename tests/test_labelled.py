@@ -151,3 +151,20 @@ def test_real_semantic_and_multi_object_data():
     objects = read_coco(coco, image_size=None)
     assert len(objects) == 128 and len(objects.class_names) == 80
     assert sum("person" in labels for labels in objects.labels) == 61  # as the data's README says
+
+
+def test_a_protocol_run_reports_the_class_folder_entries_it_did_not_use(tmp_path, capsys):
+    from omniad.cli import main
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for k in range(6):
+                Image.new("RGB", (32, 32), (30 * k, 20 * (cls == "dog"), 90)).save(folder / f"{k}.png")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    assert main(["run", "--method", "padim", "--weights", "random", "--image-size", "32", "--no-progress",
+                 "--data-format", "folders", "--data", str(tmp_path), "--protocol", "uni-class",
+                 "--normal-classes", "cat", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "1 entries of the train folders are not used" in err and "notes.txt" in err

@@ -11,6 +11,7 @@ highest of the k normal scores.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ def read_normals(folder: str | os.PathLike, image_size: int) -> tuple[Tensor, li
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder of normal images")
-    files, _ = collect_inputs(path)
+    files, skipped = collect_inputs(path)
+    if skipped:  # said, not silent: a normal image saved with an odd extension would otherwise just be missing
+        warnings.warn(f"{path}: {len(skipped)} entries are not used as normal images: " + "; ".join(
+            f"{issue.path} ({issue.reason})" for issue in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+            stacklevel=2)
     images = []
     for file in files:
         try:

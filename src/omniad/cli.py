@@ -187,11 +187,12 @@ def _fit(args: argparse.Namespace, names: list[str]):
     novelty = _novelty(args, detector.image_size)
     if novelty is not None:
         train = novelty.train
+        _print_skipped(novelty.skipped.get("train", []), "train")
         print(f"fitting {args.method} on {len(train)} normal images; {novelty.setting.describe()}", file=sys.stderr)
     else:
         train_categories, _ = _resolve_categories(args)
         train = _dataset(args.data, train_categories, "train", detector.read_size)
-        _print_skipped(train)
+        _print_skipped(train.skipped, train.split)
         print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
               f"(unified: no category labels)", file=sys.stderr)
     detector.fit(train)
@@ -207,16 +208,15 @@ def _calibration_line(detector) -> str:
     return f"calibrated {calibration.describe()}"
 
 
-def _print_skipped(dataset, shown: int = 20) -> None:
-    """The entries of the data folders the reader does not use (the dataset's ``skipped``), on stderr."""
-    skipped = getattr(dataset, "skipped", [])
+def _print_skipped(skipped: list, split: str, shown: int = 20) -> None:
+    """The entries of the ``split`` data folders the reader does not use (a dataset's ``skipped``), on stderr."""
     if not skipped:
         return
-    print(f"{len(skipped)} entries of the {dataset.split} folders are not used:", file=sys.stderr)
+    print(f"{len(skipped)} entries of the {split} folders are not used:", file=sys.stderr)
     for entry in skipped[:shown]:
         print(f"  {entry.path}: {entry.reason}", file=sys.stderr)
     if len(skipped) > shown:
-        print(f"  ... and {len(skipped) - shown} more (MVTecDataset(...).skipped lists them all)", file=sys.stderr)
+        print(f"  ... and {len(skipped) - shown} more (the dataset's .skipped lists them all)", file=sys.stderr)
 
 
 def cmd_fit(args: argparse.Namespace, names: list[str]) -> int:
@@ -232,10 +232,11 @@ def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> 
     novelty = _novelty(args, detector.image_size)
     if novelty is not None:
         test = novelty.test  # the same seeded split as at fit time
+        _print_skipped(novelty.skipped.get("test", []), "test")
     else:
         _, test_categories = _resolve_categories(args)
         test = _dataset(args.data, test_categories, "test", getattr(detector, "read_size", detector.image_size))
-        _print_skipped(test)
+        _print_skipped(test.skipped, test.split)
     report = evaluate(detector, test, progress=detector.progress)
     print(report.to_markdown())
     if out:
@@ -472,26 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _join_processes(args)
         started = time.perf_counter()
-        if args.command == "fit":
-            code = cmd_fit(args, names)
-        elif args.command == "run":
-            code = cmd_run(args, names)
-        elif args.command == "eval":
-            code = cmd_eval(args)
-        elif args.command == "predict":
-            code = cmd_predict(args)
-        elif args.command == "export":
-            code = cmd_export(args)
-        elif args.command == "serve":
-            code = cmd_serve(args)
-        elif args.command == "calibrate":
-            code = cmd_calibrate(args)
-        elif args.command == "adapt":
-            code = cmd_adapt(args)
-        elif args.command == "list":
-            code = cmd_list(args)
+        with_names = {"fit": cmd_fit, "run": cmd_run}  # the commands that take the method's option names
+        plain = {"eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+                 "calibrate": cmd_calibrate, "adapt": cmd_adapt, "list": cmd_list, "demo": cmd_demo}
+        if args.command in with_names:
+            code = with_names[args.command](args, names)
         else:
-            code = cmd_demo(args)
+            code = plain[args.command](args)
         print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return code
     except KeyboardInterrupt:

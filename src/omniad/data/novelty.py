@@ -27,7 +27,7 @@ Image-level metrics only (these sets have no masks). Optional seeded caps per cl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,8 @@ class NoveltyProtocol:
     train: Dataset
     test: NoveltyTestSet
     setting: NoveltySetting
+    # folder entries the reader did not use, per split read ("train", "test"), for the caller to report
+    skipped: dict[str, list] = field(default_factory=dict)
 
 
 def _check_classes(names: Sequence[str], known: Sequence[str], what: str, data: LabelledImages) -> list[str]:
@@ -298,7 +300,8 @@ def load_protocol(data_format: str, root: str, protocol: str, image_size: int | 
     """
     train = read_labelled(data_format, root, "train", image_size)
     test = None if data_format == "coco" else read_labelled(data_format, root, "test", image_size)
-    return build_protocol(protocol, train, test, **options)
+    skipped = {split: data.skipped for split, data in (("train", train), ("test", test)) if data is not None}
+    return replace(build_protocol(protocol, train, test, **options), skipped=skipped)
 
 
 def _need(test: LabelledImages | None, protocol: str) -> LabelledImages:
