@@ -242,3 +242,17 @@ def test_resize_mask_binarised_after_resize():
     upsampled = resize_mask(torch.tensor([[0.0, 1.0], [0.0, 0.0]]), 8)
     assert set(upsampled.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(resize_mask(torch.tensor([[0.0, 0.7]]), (1, 2)), torch.tensor([[0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_read_image_with_a_size_is_reading_then_resizing(tmp_path, mode):
+    """``read_image(path, size)`` resizes a grey image before replicating its channel: the pixels must be those of
+    resizing the three copies."""
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 53, 3) if mode == "RGB" else (37, 53), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(pixels, mode).save(path)
+    for size in (16, (20, 31), 53):
+        got = read_image(path, size)
+        assert torch.equal(got, resize_image(read_image(path), size))
+        if mode == "L":
+            assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])

@@ -157,9 +157,40 @@ def test_reweighted_image_score_is_the_papers_eq_7_on_a_hand_case():
     # worst patch (0, 3): nearest bank entry m* = (0, 0); its 2 nearest entries are itself and (1, 0)
     to_support = torch.tensor([3.0, 10**0.5])
     expected = (1 - torch.softmax(to_support, 0)[0]) * 3.0
-    got = net.reweighted_scores(emb, distances, index, neighbours=2)
+    got = net.reweighted_scores(emb, distances, neighbours=2)
     assert got.shape == (1,) and float(got) == pytest.approx(float(expected), rel=1e-6)
-    assert float(net.reweighted_scores(emb, distances, index, neighbours=1)) == pytest.approx(0.0)  # 1 - 1
+    assert float(net.reweighted_scores(emb, distances, neighbours=1)) == pytest.approx(0.0)  # 1 - 1
+
+
+def _eq_7_by_brute_force(emb, bank, k):
+    patches = emb.flatten(2).transpose(1, 2)  # (B, P, C)
+    scores = []
+    for image in patches:
+        d = torch.cdist(image, bank)  # (P, bank)
+        worst = int(d.min(1).values.argmax())
+        m_star = int(d[worst].argmin())
+        support = torch.cdist(bank[m_star][None], bank)[0].argsort()[:k]
+        to_support = (image[worst] - bank[support]).norm(dim=-1)
+        scores.append((1 - torch.softmax(to_support, 0)[0]) * d[worst].min())
+    return torch.stack(scores)
+
+
+def test_reweighted_score_follows_the_bank_when_it_changes():
+    """The support sets are computed once per bank: a bank changed in place (load) or replaced (adaptation) must
+    not keep the old ones."""
+    from omniad.methods.patchcore import PatchCoreNet
+
+    g = torch.Generator().manual_seed(0)
+    net = PatchCoreNet(torch.nn.Identity(), bank_size=50, feature_dim=4)
+    net.memory_bank.copy_(torch.randn(50, 4, generator=g))
+    emb = torch.randn(3, 4, 5, 5, generator=g)
+    for change in ("none", "in place", "replaced"):
+        if change == "in place":
+            net.memory_bank.copy_(torch.randn(50, 4, generator=g))
+        elif change == "replaced":
+            net.memory_bank = torch.cat([net.memory_bank, torch.randn(30, 4, generator=g)])
+        got = net.reweighted_scores(emb, net.distances(emb), neighbours=9)
+        torch.testing.assert_close(got, _eq_7_by_brute_force(emb, net.memory_bank, 9), msg=change)
 
 
 def test_reweighted_pooling_keeps_the_map_and_scores_with_eq_7():
@@ -171,8 +202,8 @@ def test_reweighted_pooling_keeps_the_map_and_scores_with_eq_7():
     a, b = plain.score(images[:3]), paper.score(images[:3])
     torch.testing.assert_close(b.anomaly_maps, a.anomaly_maps)  # the same map: only the image score differs
     features = paper.features(images[:3])
-    distances, index = paper.net_.nearest(features)
-    torch.testing.assert_close(b.image_scores, paper.net_.reweighted_scores(features, distances, index, 9))
+    distances = paper.net_.distances(features)
+    torch.testing.assert_close(b.image_scores, paper.net_.reweighted_scores(features, distances, 9))
 
 
 def test_nearest_search_faiss_and_torch_agree_and_follow_the_bank():

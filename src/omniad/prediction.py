@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from omniad.calibration import Calibration
-from omniad.data.images import IMAGE_EXTENSIONS, ImageReadError, read_image, resize_image
+from omniad.data.images import IMAGE_EXTENSIONS, ImageReadError, read_image
 from omniad.distributed import is_main, world
 from omniad.report import _atomic_save, overlay_scale, save_overlay
 
@@ -474,8 +474,7 @@ def _load(item: _Item, size: Any) -> tuple[_Item, Tensor | None, InputIssue | No
     if item.image is not None:
         return item, item.image, None
     try:
-        image = read_image(item.path)
-        return item, image if size is None else resize_image(image, size), None
+        return item, read_image(item.path, size), None
     except (ImageReadError, OSError) as err:
         return item, None, InputIssue(item.name, _reason(err, item.path))
 

@@ -147,18 +147,19 @@ def _to_unit_array(image: Image.Image, path: str | Path) -> np.ndarray:
     raise ImageReadError(f"{path}: unsupported image mode {mode!r}")
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as a (3, H, W) float32 tensor in [0, 1].
+def read_image(path: str | os.PathLike, size: Size | None = None) -> Tensor:
+    """Read an image file as a (3, H, W) float32 tensor in [0, 1], resized to ``size`` (``resize_image``) if given.
 
     PNG, JPEG, BMP and TIFF; 8- and 16-bit; grayscale is replicated to 3 channels; alpha is dropped; palette,
-    CMYK and other colour modes are converted to RGB. Multi-frame files yield their first frame.
+    CMYK and other colour modes are converted to RGB. Multi-frame files yield their first frame. A grey image is
+    resized before its channel is replicated: the same pixels as resizing the three copies, a third of the work.
 
     Raises:
         ImageReadError: the file is missing, empty, not an image, truncated or corrupt, or of an
             unsupported mode.
     """
     path = Path(path)
-    return _rgb_tensor(_to_unit_array(_open(path), path))
+    return _rgb_tensor(_to_unit_array(_open(path), path), size)
 
 
 def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None) -> Tensor:
@@ -177,12 +178,11 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int | None =
     return _rgb_tensor(_to_unit_array(_decode(bytes(data), name, max_pixels), name))
 
 
-def _rgb_tensor(array: np.ndarray) -> Tensor:
-    if array.ndim == 2:
-        array = np.repeat(array[None], 3, axis=0)
-    else:
-        array = array.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).clamp_(0.0, 1.0)
+def _rgb_tensor(array: np.ndarray, size: Size | None = None) -> Tensor:
+    grey = array.ndim == 2
+    image = torch.from_numpy(np.ascontiguousarray(array[None] if grey else array.transpose(2, 0, 1), np.float32))
+    image = image.clamp_(0.0, 1.0) if size is None else resize_image(image.clamp_(0.0, 1.0), size)
+    return image.repeat(3, 1, 1) if grey else image
 
 
 def read_mask(path: str | os.PathLike) -> Tensor:
