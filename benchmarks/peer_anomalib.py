@@ -48,9 +48,13 @@ def main() -> None:
     parser.add_argument("--method", choices=sorted(LAYERS), default="padim")
     parser.add_argument("--weights", required=True, help="omniad's converted offline weights (safetensors)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from lightning.pytorch import seed_everything
+
+    seed_everything(args.seed)  # the coreset's random first centre, PaDiM's random feature subset
     from anomalib.data import Folder
     from anomalib.engine import Engine
 
@@ -59,9 +63,11 @@ def main() -> None:
     from omniad.metrics.pro import aupro
 
     root = Path(args.data) / args.category
-    datamodule = Folder(name=args.category, root=root, normal_dir="train/good", abnormal_dir="test/defect",
-                        normal_test_dir="test/good", mask_dir="ground_truth/defect", train_batch_size=16,
-                        eval_batch_size=16, num_workers=0, seed=0)
+    # every defect folder of the MVTec layout; no masks: the metrics below read them with omniad's reader
+    defects = sorted(f"test/{d.name}" for d in (root / "test").iterdir() if d.is_dir() and d.name != "good")
+    datamodule = Folder(name=args.category, root=root, normal_dir="train/good", abnormal_dir=defects,
+                        normal_test_dir="test/good", train_batch_size=16, eval_batch_size=16, num_workers=0,
+                        seed=args.seed)
     model = build(args.method, args.weights)
     engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=
                     tempfile.mkdtemp(prefix="anomalib-"))

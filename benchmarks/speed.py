@@ -110,6 +110,12 @@ def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]
         folder, fit_seconds, fit_memory = fitted[args.processes[0]]
         detector = load_model(folder / "model")
         report = evaluate(detector, test, progress=False)
+        quality = [(report.rows[category]["image_auroc"], report.rows[category]["pixel_aupro"])]
+        for seed in range(1, args.seeds):  # quality only: the hold-out split and the coreset's start move with it
+            other = Path(tmp) / f"{method}-{len(rows)}-seed{seed}"
+            run_child(fit_command(method, {**options, "seed": seed}, category, args.data, str(other / "model"), 1))
+            seeded = evaluate(load_model(other / "model"), test, progress=False).rows[category]
+            quality.append((seeded["image_auroc"], seeded["pixel_aupro"]))
         images = torch.stack([sample.image for sample in test]) if args.processes[1:] else None
         for other in args.processes[1:]:  # the same model from N processes? the largest image-score difference
             difference = load_model(fitted[other][0] / "model").score(images).image_scores - detector.score(
@@ -127,7 +133,7 @@ def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]
             row = {"tool": "omniad", "setting": label, "path": path, "category": category,
                    "fit_seconds": fit_seconds, "fit_memory": fit_memory,
                    "images_per_second": measured["images_per_second"], "predict_memory": measured["memory"],
-                   "image_auroc": report.rows[category]["image_auroc"], "aupro": report.rows[category]["pixel_aupro"],
+                   "quality": quality,
                    "score_change": float(np.max(np.abs(scores - reference[0]) / np.abs(reference[0]).max())),
                    "same_decisions": int((decisions == reference[1]).sum()), "n": len(decisions),
                    "scaling": {p: fitted[p][1:] for p in args.processes[1:]}}
@@ -139,13 +145,42 @@ def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]
 def peer_rows(category: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for method, label in (("padim", "PaDiM"), ("patchcore", "PatchCore, paper's score")):
-        result, = run_child(
+        runs = [run_child(
             [args.peer_python, str(Path(__file__).with_name("peer_anomalib.py")), "--data", args.data,
-             "--category", category, "--method", method, "--weights", str(offline_cache_path("tf_efficientnet_lite0"))])
+             "--category", category, "--method", method, "--weights", str(offline_cache_path("tf_efficientnet_lite0")),
+             "--seed", str(seed)])[0] for seed in range(args.seeds)]
+        result = runs[0]  # speed and memory from the first seed's run
         rows.append({"tool": "anomalib", "setting": label, "path": "engine.predict(data_path)", **result,
+                     "quality": [(r["image_auroc"], r["aupro"]) for r in runs],
                      "fit_memory": result["memory"], "predict_memory": None})
         print(rows[-1], flush=True)
     return rows
+
+
+def sample_training_sets(data: Path, categories: list[str], n: int, tmp: Path) -> tuple[str, dict[str, str]]:
+    """An MVTec-layout copy of ``data`` (symlinks) whose types keep ``n`` training images drawn with seed 0 and their
+    whole test set, so that both tools fit on the same sample. Returns the copy's root and, per type, "n of N"."""
+    root, sampled = tmp / "sampled-data", {}
+    for category in categories:
+        source, target = data / category, root / category
+        for entry in source.iterdir():
+            if entry.name != "train":
+                (target).mkdir(parents=True, exist_ok=True)
+                (target / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        files = sorted((source / "train" / "good").iterdir())
+        keep = sorted(np.random.default_rng(0).permutation(len(files))[:n])
+        (target / "train" / "good").mkdir(parents=True)
+        for i in keep:
+            (target / "train" / "good" / files[i].name).symlink_to(files[i].resolve())
+        sampled[category] = f"{len(keep)} of {len(files)}"
+    return str(root), sampled
+
+
+def spread(values: list[float]) -> str:
+    """Percentages: one value, or the mean and range of several."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
 
 
 def mib(value: float | None) -> str:
@@ -159,6 +194,12 @@ def main() -> None:
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2],
                         help="process counts to fit with (torchrun for more than 1); the first one's model is "
                              "evaluated and exported")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="train both tools on the same seeded sample of this many training images per type "
+                             "(a type with more images would make the peer's coreset search run for most of an hour)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="image AUROC and AU-PRO over seeds 0..N-1 on both sides (mean and range); the speed "
+                             "and memory columns are seed 0's")
     parser.add_argument("--peer-python", help="python of an environment with anomalib (the peer is skipped without)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child-predict", help=argparse.SUPPRESS)
@@ -177,11 +218,15 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        sampled = {}
+        if args.max_train:
+            args.data, sampled = sample_training_sets(Path(args.data), args.categories, args.max_train, Path(tmp))
         for category in args.categories:
             rows += omniad_rows(category, args, tmp)
             if args.peer_python:
                 rows += peer_rows(category, args)
     load_after = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    seeded = f", mean (min-max) of seeds 0-{args.seeds - 1}" if args.seeds > 1 else ""
     lines = [
         "# omniad vs anomalib: one run, same machine, same data, per type",
         "",
@@ -193,10 +238,11 @@ def main() -> None:
         "batch; anomalib: `Engine.predict(data_path=...)`). Every fit and predict runs in a process of its own; "
         "memory = its peak resident set (MiB; the peer's fit and predict share one process). Score change = the "
         "largest score difference to the torch path, relative to the largest score. omniad holds 10% of the "
-        "training images out for its threshold; anomalib trains on all.",
+        "training images out for its threshold; anomalib trains on all."
+        + "".join(f" {c}: both tools train on {n} training images, drawn with seed 0." for c, n in sampled.items()),
         "",
         "| type | tool | setting | predict path | fit s | fit MiB | predict img/s | predict MiB | score change | "
-        "same decisions | image AUROC | AU-PRO |",
+        f"same decisions | image AUROC{seeded} | AU-PRO{seeded} |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -204,7 +250,7 @@ def main() -> None:
         same = f"{r['same_decisions']}/{r['n']}" if "same_decisions" in r else ""
         lines.append(f"| {r['category']} | {r['tool']} | {r['setting']} | {r['path']} | {r['fit_seconds']:.1f} | "
                      f"{mib(r['fit_memory'])} | {r['images_per_second']:.1f} | {mib(r['predict_memory'])} | {change} | "
-                     f"{same} | {100 * r['image_auroc']:.1f} | {100 * r['aupro']:.1f} |")
+                     f"{same} | {spread([q[0] for q in r['quality']])} | {spread([q[1] for q in r['quality']])} |")
     scaling = [(r["category"], r["setting"], p, v) for r in rows if r["tool"] == "omniad" and r["path"] == "torch"
                for p, v in r["scaling"].items()]
     if scaling:
