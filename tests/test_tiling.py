@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from omniad import create_detector, list_detectors, load_detector
-from omniad.data.images import KeepAspect, letterbox
+from omniad.data.images import KeepAspect, letterbox, resize_image
 from omniad.data.sources import iterate_batches, iterate_samples
 from omniad.metrics import evaluate
 from omniad.metrics.pro import pixel_metrics
 from omniad.postprocess import image_score
 from omniad.registry import detector_class
-from omniad.tiling import Stitcher, TileDataset, cut_tiles, tile_boxes, tile_starts
+from omniad.tiling import Stitcher, TileDataset, cut_tiles, tile_boxes, tile_starts, tiling_size
 from omniad.types import Sample
 
 COMMON = dict(weights="random", device="cpu", progress=False, seed=0, batch_size=8)
@@ -58,12 +58,23 @@ def test_overlaps_are_averaged():
 def test_tiles_are_the_image_crops_and_the_dataset_lists_every_tile():
     images = [torch.rand(3, 40, 70), torch.rand(3, 20, 30)]
     tiles = TileDataset(images, tile=32, stride=16)
-    assert len(tiles) == len(tile_boxes(40, 70, 32, 16)) + len(tile_boxes(20, 30, 32, 16))
+    # the small image is up-sampled, aspect kept, until its shorter side fills a tile: 20 x 30 -> 32 x 48
+    assert tiling_size(20, 30, 32) == (32, 48) and tiling_size(40, 70, 32) == (40, 70)
+    assert len(tiles) == len(tile_boxes(40, 70, 32, 16)) + len(tile_boxes(32, 48, 32, 16))
     first = cut_tiles(images[0], tile_boxes(40, 70, 32, 16), 32)
     assert torch.equal(tiles[1], first[1])
-    small = tiles[len(tiles) - 1]  # the small image: padded with zeros to the tile
-    assert small.shape == (3, 32, 32)
-    assert torch.equal(small[:, :20, :30], images[1]) and small[:, 20:].abs().sum() == 0
+    small = cut_tiles(resize_image(images[1], (32, 48)), tile_boxes(32, 48, 32, 16), 32)
+    assert torch.equal(tiles[len(tiles) - 1], small[-1])
+
+
+def test_a_small_image_is_scored_up_sampled_and_its_map_comes_at_its_own_size():
+    det = create_detector("padim", image_size=32, tile_size=32, tile_stride=16, **COMMON).fit(_textures(4, 40, 60))
+    image = _textures(1, 20, 30, seed=7)
+    image[:, :, 4:10, 18:26] = 1.0
+    result = det.score(image)
+    assert result.anomaly_maps.shape == (1, 20, 30)
+    peak = divmod(int(result.anomaly_maps[0].argmax()), 30)
+    assert 4 - 3 <= peak[0] < 10 + 3 and 18 - 3 <= peak[1] < 26 + 3  # where it was painted, in its own pixels
 
 
 def test_keep_aspect_and_letterbox():
@@ -221,3 +232,48 @@ def test_a_tiled_fit_on_images_of_several_sizes_calibrates_on_whole_images():
     assert np.isfinite(det.threshold_)
     scored = det.score_dataset(images[:3])
     assert [tuple(m.shape) for m in scored.anomaly_maps] == [(40, 64), (48, 50), (40, 64)]
+
+
+# ----------------------------------------------------------------- CADA on stitched maps
+def _cada(**modes):
+    params = {"base": "padim", "iterations": 30, **COMMON, "calibration_fraction": 0.0, **modes}
+    return create_detector("cada", **params)
+
+
+def test_tiled_cada_aligns_the_stitched_map_with_one_statistic_per_image():
+    """The base is tiled and stitches; CADA's aligned map is (stitched map - u) / spread with ONE (u, spread) per
+    image, so aligned and stitched maps are exactly affine. Aligning each tile with its own statistics, as before,
+    breaks that."""
+    images = _textures(4, 64, 112)
+    cada = _cada(image_size=32, tile_size=32, tile_stride=32).fit(images)
+    assert (cada.base_.tile_size, cada.base_.tile_stride) == (32, 32)
+    test = _textures(2, 70, 100, seed=5)
+    test[1, :, 5:15, 60:80] = 1.0
+    stitched, aligned = cada.base_.score(test).anomaly_maps, cada.score(test).anomaly_maps
+    assert aligned.shape == (2, 70, 100)
+    for raw, out in zip(stitched, aligned):
+        design = torch.stack([raw.flatten().double(), torch.ones(raw.numel(), dtype=torch.float64)], 1)
+        solution = torch.linalg.lstsq(design, out.flatten().double()[:, None]).solution
+        residual = design @ solution - out.flatten().double()[:, None]
+        assert float(residual.abs().max()) < 1e-4 * float(out.abs().max())
+    # the targets were computed on whole stitched training maps: one row per image, not per tile
+    assert len(cada.extract(images)) == 4
+
+
+def test_cada_with_a_pair_image_size_aligns_the_content_and_trains_to_a_finite_loss():
+    cada = _cada(image_size=(32, 64)).fit(_textures(6, 40, 100))
+    assert np.isfinite(cada.loss_history_).all()
+    result = cada.score(_textures(2, 40, 100, seed=3))
+    assert result.anomaly_maps.shape == (2, 26, 64)  # 40 x 100 fitted inside 32 x 64, padding cut
+    assert torch.isfinite(result.image_scores).all()
+    raw, aligned = cada.score_with_base(_textures(2, 40, 100, seed=3))
+    assert torch.equal(aligned.image_scores, result.image_scores)
+    assert raw.anomaly_maps.shape == aligned.anomaly_maps.shape
+
+
+def test_cada_over_a_given_base_refuses_a_different_geometry():
+    base = create_detector("padim", image_size=32, tile_size=32, **{**COMMON, "calibration_fraction": 0.0})
+    base.fit(_textures(2, 40, 60))
+    with pytest.raises(ValueError, match="differ from its base"):
+        _cada(base=base, image_size=32).fit(_textures(2, 40, 60))
+    _cada(base=base, image_size=32, tile_size=32).fit(_textures(2, 40, 60))  # the same geometry: accepted

@@ -2,8 +2,10 @@
 map of the image's own size, overlaps averaged.
 
 Tiles start every ``stride`` pixels along each axis and the last one is moved back to end at the image's edge,
-so every pixel is covered and no tile hangs over the edge. An image smaller than a tile along an axis is padded
-(bottom / right, zeros) to the tile, and the padding is cut off the stitched map: it never counts as anomalous.
+so every pixel is covered and no tile hangs over the edge. An image whose shorter side is below the tile is first
+up-sampled, aspect kept, until that side fills a tile (``tiling_size``), and its stitched map is resized back to
+the image's size: a small image gets the network's whole input, as the square squash would give it, rather than
+a corner of a zero-padded tile. (Measured on magnetic tiles of 100-500 px: benchmarks/results/tiling.md.)
 The base detector (``omniad.methods.base``) uses these for every method: each tile is a training image, and
 ``score`` stitches the tile maps of each image before smoothing and pooling.
 """
@@ -13,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from omniad.data.images import pad_to, resize_image
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -30,17 +33,18 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+def tiling_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """The size an image is tiled at: its own, or up-sampled (aspect kept) until its shorter side is ``tile``."""
+    short = min(height, width)
+    if short >= tile:
+        return height, width
+    scale = tile / short
+    return max(tile, round(height * scale)), max(tile, round(width * scale))
+
+
 def tile_boxes(height: int, width: int, tile: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners (y, x) of the tiles of a ``height`` x ``width`` image, row by row."""
     return [(y, x) for y in tile_starts(height, tile, stride) for x in tile_starts(width, tile, stride)]
-
-
-def pad_to(images: Tensor, height: int, width: int) -> Tensor:
-    """Zero-pad (..., H, W) at the bottom and right to at least ``height`` x ``width``."""
-    pad_h, pad_w = max(0, height - images.shape[-2]), max(0, width - images.shape[-1])
-    if pad_h == 0 and pad_w == 0:
-        return images
-    return F.pad(images, (0, pad_w, 0, pad_h))
 
 
 def cut_tiles(image: Tensor, boxes: list[tuple[int, int]], tile: int) -> Tensor:
@@ -78,14 +82,15 @@ class TileDataset(Dataset):
     """Every tile of every image of a dataset of (3, H, W) tensors, each a training image of its own (tiles of
     images of any size; the tile count of each image is read once, when the dataset is built).
 
-    Images are read in order, and the last one read is kept, so a sequential pass reads each image once."""
+    Images are read in order, and the last one read is kept, so a sequential pass reads each image once. Images
+    smaller than a tile are up-sampled first (``tiling_size``)."""
 
     def __init__(self, images: Dataset, tile: int, stride: int) -> None:
         self.images, self.tile, self.stride = images, tile, stride
         self.index: list[tuple[int, int, int]] = []  # (image, y, x)
         for i in range(len(images)):
-            height, width = images[i].shape[-2:]
-            self.index += [(i, y, x) for y, x in tile_boxes(int(height), int(width), tile, stride)]
+            height, width = tiling_size(*(int(n) for n in images[i].shape[-2:]), tile)
+            self.index += [(i, y, x) for y, x in tile_boxes(height, width, tile, stride)]
         self._last: tuple[int, Tensor] | None = None
 
     def __len__(self) -> int:
@@ -94,8 +99,14 @@ class TileDataset(Dataset):
     def __getitem__(self, k: int) -> Tensor:
         i, y, x = self.index[k]
         if self._last is None or self._last[0] != i:
-            self._last = (i, pad_to(self.images[i], self.tile, self.tile))
+            self._last = (i, to_tiling_size(self.images[i], self.tile))
         return self._last[1][:, y : y + self.tile, x : x + self.tile]
+
+
+def to_tiling_size(image: Tensor, tile: int) -> Tensor:
+    """A (C, H, W) image resized to ``tiling_size`` (itself when no side is below the tile)."""
+    size = tiling_size(*(int(n) for n in image.shape[-2:]), tile)
+    return image if tuple(image.shape[-2:]) == size else resize_image(image, size)
 
 
 def box_batches(boxes: list[tuple[int, int]], batch_size: int) -> Iterator[list[tuple[int, int]]]:
@@ -104,4 +115,5 @@ def box_batches(boxes: list[tuple[int, int]], batch_size: int) -> Iterator[list[
         yield boxes[start : start + batch_size]
 
 
-__all__ = ["Stitcher", "TileDataset", "box_batches", "cut_tiles", "pad_to", "tile_boxes", "tile_starts"]
+__all__ = ["Stitcher", "TileDataset", "box_batches", "cut_tiles", "pad_to", "tile_boxes", "tile_starts",
+           "tiling_size", "to_tiling_size"]

@@ -230,11 +230,17 @@ def _size_hw(size: Size, native: tuple[int, int] | None = None) -> tuple[int, in
     return int(height), int(width)
 
 
+def pad_to(images: Tensor, height: int, width: int) -> Tensor:
+    """Zero-pad (..., H, W) at the bottom and right to at least ``height`` x ``width``."""
+    pad_h, pad_w = max(0, height - images.shape[-2]), max(0, width - images.shape[-1])
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h))
+
+
 def letterbox(images: Tensor, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
     """Resize (B, 3, H, W) images to fit ``height`` x ``width`` keeping their aspect ratio, and zero-pad the
     bottom / right to exactly that size. Returns the padded batch and the (h, w) of the content (top-left)."""
-    from omniad.tiling import pad_to
-
     content = KeepAspect(height, width).size_of(*images.shape[-2:])
     return pad_to(resize_image(images, content), height, width), content
 

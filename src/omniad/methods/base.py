@@ -47,7 +47,7 @@ from omniad.params import (
 )
 from omniad.postprocess import POOLINGS, gaussian_blur, image_score, to_scores, upsample
 from omniad.runtime import resolve_device, seed_everything
-from omniad.tiling import Stitcher, TileDataset, box_batches, cut_tiles, tile_boxes
+from omniad.tiling import Stitcher, TileDataset, box_batches, cut_tiles, tile_boxes, to_tiling_size
 from omniad.types import AnomalyScores
 
 # the hyper-parameters of the score tail: they do not touch training
@@ -411,7 +411,7 @@ class BaseDetector:
         images = self.preprocess(images)
         chunks = (chunk.to(self.device_) for chunk in images.split(self.batch_size))
         parts = [self.score_batch(chunk) if content is None else self.score_batch(chunk, content) for chunk in chunks]
-        return _cat_cpu(parts)
+        return concat_scores(parts)
 
     def _score_tiled(self, images: Tensor) -> AnomalyScores:
         """Each image cut into tiles scored ``batch_size`` at a time (memory: one batch of tiles plus the stitched
@@ -420,6 +420,8 @@ class BaseDetector:
         r, tile = self.resolved_, int(self.tile_size)
         scores, maps = [], []
         for index, image in enumerate(images):
+            own_size = tuple(int(n) for n in image.shape[-2:])
+            image = to_tiling_size(image, tile)  # a small image up-sampled to fill a tile
             height, width = image.shape[-2:]
             boxes = tile_boxes(int(height), int(width), tile, int(r.tile_stride))
             stitcher = Stitcher(height, width, tile, self.device_)
@@ -437,7 +439,7 @@ class BaseDetector:
                     tile_scores.append(raw.image_scores.float())
                     raw = raw.maps
                 stitcher.add(upsample(raw.float(), (tile, tile)), run)
-            stitched = gaussian_blur(stitcher.result()[None], r.sigma)
+            stitched = gaussian_blur(upsample(stitcher.result()[None], own_size), r.sigma)
             if tile_scores:
                 scores.append(torch.cat(tile_scores).max()[None])
             else:
@@ -460,7 +462,7 @@ class BaseDetector:
         for start in range(0, feature_count(features), self.batch_size):
             chunk = feature_to(feature_slice(features, start, start + self.batch_size), self.device_, torch.float32)
             parts.append(self.postprocess(self.score_features(chunk), size))
-        return _cat_cpu(parts)
+        return concat_scores(parts)
 
     def score_dataset(self, data: Any, desc: str = "scoring") -> AnomalyScores:
         """Score every image of a dataset (of ``Sample`` or tensors) in batches, with a progress bar. The maps are
@@ -471,7 +473,7 @@ class BaseDetector:
         ]
         if not parts:
             return AnomalyScores(torch.empty(0), torch.empty(0, *self.input_hw))
-        return _cat_cpu(parts)
+        return concat_scores(parts)
 
     # ----------------------------------------------------------------- calibration
     def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None) -> Calibration:
@@ -666,7 +668,7 @@ class _Resized(torch.utils.data.Dataset):
         return letterbox(image[None], *self.hw)[0][0] if self.letterboxed else resize_image(image, self.hw)
 
 
-def _cat_cpu(parts: list[AnomalyScores]) -> AnomalyScores:
+def concat_scores(parts: list[AnomalyScores]) -> AnomalyScores:
     """One ``AnomalyScores`` of several; maps of several sizes (images scored at their own size) stay a list of
     (h, w) maps, one per image."""
     scores = torch.cat([p.image_scores.float().cpu() for p in parts])

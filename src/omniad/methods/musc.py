@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from omniad.data.sources import as_image_dataset
 from omniad.features import feature_cat, feature_count, feature_to, fuse_stages
-from omniad.methods.base import BaseDetector, _cat_cpu
+from omniad.methods.base import BaseDetector, concat_scores
 from omniad.params import POSITIVE_INT, Each, Interval
 from omniad.registry import register_detector
 from omniad.types import AnomalyScores
@@ -155,7 +155,7 @@ class MuSc(BaseDetector):
                              f"{self.min_score_batch} images, got {count} (score a lot of the new type at once)")
         raw = self.score_features(feature_to(features, self.device_, torch.float32))
         size = (self.image_size, self.image_size)
-        return _cat_cpu([self.postprocess(raw[s : s + self.batch_size], size)
+        return concat_scores([self.postprocess(raw[s : s + self.batch_size], size)
                          for s in range(0, count, self.batch_size)])
 
     def score_dataset(self, data: Any, desc: str = "scoring") -> AnomalyScores:

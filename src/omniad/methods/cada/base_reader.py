@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
+from omniad.data.images import letterbox, resize_image
 from omniad.data.sources import iterate_batches
 from omniad.features import area_resize
 from omniad.methods.base import BaseDetector
@@ -23,7 +24,24 @@ PAPER_ITERATIONS = {"revdist": 5000, "recontrast": 5000, "uniad": 20000}
 DEFAULT_ITERATIONS = 5000
 # Hyper-parameters every detector shares that a wrapper hands on to the base it builds (unless base_params says
 # otherwise). calibration_fraction is not among them: the wrapper holds out and calibrates on its own level.
-SHARED_COMMON = ("backbone", "weights", "image_size", "device", "seed", "batch_size", "progress")
+# Tiling and an (height, width) image_size go to the base too: the base then handles the geometry (cuts and
+# stitches tiles, pads and crops) and the wrapper aligns the base's maps of whole images (``own_geometry``).
+SHARED_COMMON = ("backbone", "weights", "image_size", "tile_size", "tile_stride", "device", "seed", "batch_size",
+                 "progress")
+
+
+def own_geometry(base: BaseDetector) -> bool:
+    """Whether the base takes images as read (tiled: at their own size; (height, width) image_size: aspect kept)
+    and returns maps of their whole content, rather than taking network inputs of its square image_size."""
+    return base.tile_size is not None or not isinstance(base.image_size, int)
+
+
+def whole_view(base: BaseDetector, images: Tensor) -> Tensor:
+    """What the alignment head reads of images the base handles itself: each whole image as the network sees an
+    untiled one (squashed to the tiles' side when tiled; letterboxed to the (height, width) image_size)."""
+    if base.tile_size is not None:
+        return resize_image(images, base.input_hw)
+    return letterbox(images, *base.input_hw)[0]
 
 
 def jsonable_params(params: dict[str, Any] | None) -> dict[str, Any]:
@@ -105,6 +123,10 @@ class FeatureReader:
         return features if (h, w) == target else area_resize(features, target)
 
     @property
+    def backbone_device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
     def stage(self) -> int:
         return self.backbone.stages[self.index]
 
@@ -114,7 +136,12 @@ class FeatureReader:
 
     @torch.no_grad()
     def base_and_features(self, base: BaseDetector, images: Tensor) -> tuple[AnomalyScores, Tensor]:
-        """The base's scores of ``images`` (on its device) and the frozen features of the wanted stage."""
+        """The base's scores of ``images`` (on its device) and the frozen features of the wanted stage. A base
+        with its own geometry (``own_geometry``) scores the images as read, its maps stitched or cropped to their
+        content; the features are then those of the whole image (``whole_view``)."""
+        if own_geometry(base):
+            view = whole_view(base, images).to(self.backbone_device)
+            return base.score(images), self._pool(self.backbone(view)[self.index])
         captured: list[Tensor] = []
         handle = None
         if self.shared:
@@ -192,9 +219,10 @@ def collect_alignment_data(
     an (N, 0, 1, 1) tensor with stage -1, when ``reader`` is None)."""
     moments, features = [], []
     for batch in iterate_batches(images, batch_size, progress, "alignment targets"):
-        batch = batch.to(base.device_)
+        batch = batch if own_geometry(base) else batch.to(base.device_)
         if reader is None:
-            result, feats = base.score_batch(batch), torch.zeros(batch.shape[0], 0, 1, 1)
+            scores = base.score if own_geometry(base) else base.score_batch
+            result, feats = scores(batch), torch.zeros(batch.shape[0], 0, 1, 1)
         else:
             result, feats = reader.base_and_features(base, batch)
         moments.append(map_moments(result.anomaly_maps.float().cpu()))
@@ -213,4 +241,6 @@ __all__ = [
     "collect_alignment_data",
     "jsonable_params",
     "make_feature_reader",
+    "own_geometry",
+    "whole_view",
 ]

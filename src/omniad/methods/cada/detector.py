@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from omniad.backbone import Backbone
 from omniad.calibration import Calibration
+from omniad.data.images import check_image_batch
 from omniad.data.sources import as_image_dataset, iterate_batches
-from omniad.methods.base import BaseDetector
+from omniad.methods.base import BaseDetector, concat_scores
 from omniad.methods.cada.alignment import TARGETS, align_with_spread, targets_from_moments
 from omniad.methods.cada.base_reader import (
     DEFAULT_ITERATIONS,
@@ -36,6 +37,7 @@ from omniad.methods.cada.base_reader import (
     collect_alignment_data,
     jsonable_params,
     make_feature_reader,
+    own_geometry,
 )
 from omniad.methods.cada.network import CADARegressor, channel_statistics
 from omniad.params import POSITIVE_INT, Interval, Options
@@ -167,6 +169,14 @@ class CADA(BaseDetector):
         self._pretrained = pretrained
         if isinstance(self.base, BaseDetector):
             self.base_ = self.base
+            # the base handles tiling and padding for both: they must read images alike
+            mine = (self.image_size, self.tile_size, self.resolved_.tile_stride if self.tile_size else None)
+            base = self.base_.get_params()
+            theirs = (base["image_size"], base["tile_size"],
+                      (base["tile_stride"] or max(1, int(base["tile_size"]) // 2)) if base["tile_size"] else None)
+            if _geometry(mine) != _geometry(theirs):
+                raise ValueError(f"cada: its image_size / tile_size / tile_stride {mine} differ from its base's "
+                                 f"{theirs}; give CADA the same ones")
         else:
             common = {name: getattr(self, name) for name in SHARED_COMMON}
             self.base_ = build_base(self.base, jsonable_params(self.base_params), common)
@@ -188,7 +198,9 @@ class CADA(BaseDetector):
         them: one collection can train several alignment heads over one base."""
         if not hasattr(self, "resolved_"):
             self.prepare()
-        images = self.training_inputs(data)  # tiles when tiled: the base trains on them, CADA aligns each one
+        # tiled or aspect kept: the images as read; the base cuts tiles (or pads) itself and its maps of whole
+        # images, stitched (or cropped), give the targets
+        images = as_image_dataset(data, self.read_size) if own_geometry(self) else self.training_inputs(data)
         if not getattr(self.base_, "fitted_", False):
             self.base_.calibration_fraction = 0.0  # trained on all of these, so targets = the base's training maps
             self.base_.fit(images)
@@ -272,28 +284,38 @@ class CADA(BaseDetector):
         out = self._predict(feats).to(maps.device)
         return align_with_spread(maps.float(), out[:, 0], out[:, 1], self.min_spread_)
 
+    @torch.inference_mode()
+    def score(self, images: Tensor) -> AnomalyScores:
+        """As ``BaseDetector.score``. Tiled or aspect kept, the base scores the images as given (tiles stitched,
+        padding cut) and CADA aligns those whole maps: one (u, gamma) per image, as the paper's targets are."""
+        if not own_geometry(self):
+            return super().score(images)
+        self._check_fitted()
+        return concat_scores([self._aligned(chunk)[1] for chunk in check_image_batch(images).split(self.batch_size)])
+
+    def _aligned(self, images: Tensor) -> tuple[AnomalyScores, AnomalyScores]:
+        """The base's scores of one batch (network inputs, or images as read when the base has its own geometry)
+        and CADA's aligned scores, from one pass."""
+        raw, feats = self.reader_.base_and_features(self.base_, images)
+        maps = raw.anomaly_maps.to(self.device_).float()
+        return raw, self.postprocess(self.score_features([maps, feats]), tuple(maps.shape[-2:]))
+
     @torch.no_grad()
     def score_with_base(self, data: Any) -> tuple[AnomalyScores, AnomalyScores]:
         """Scores of every image before (the base's) and after alignment, in one pass (on the CPU)."""
         self._check_fitted()
-        raw_s, raw_m, out_s, out_m = [], [], [], []
-        images = as_image_dataset(data, self.image_size)
-        for batch in iterate_batches(images, self.batch_size, self.progress, "scoring"):
-            batch = batch.to(self.device_)
-            raw, feats = self.reader_.base_and_features(self.base_, batch.to(self.base_.device_))
-            aligned = self.postprocess(self.score_features([raw.anomaly_maps.to(self.device_), feats]),
-                                       tuple(batch.shape[-2:]))
-            raw_s.append(raw.image_scores.float().cpu())
-            raw_m.append(raw.anomaly_maps.float().cpu())
-            out_s.append(aligned.image_scores.float().cpu())
-            out_m.append(aligned.anomaly_maps.float().cpu())
-        if not raw_s:
-            empty = AnomalyScores(torch.empty(0), torch.empty(0, self.image_size, self.image_size))
+        raw_parts, aligned_parts = [], []
+        for batch in iterate_batches(as_image_dataset(data, self.read_size), self.batch_size, self.progress,
+                                     "scoring"):
+            if not own_geometry(self):
+                batch = batch.to(self.base_.device_)
+            raw, aligned = self._aligned(batch)
+            raw_parts.append(raw)
+            aligned_parts.append(aligned)
+        if not raw_parts:
+            empty = AnomalyScores(torch.empty(0), torch.empty(0, *self.input_hw))
             return empty, empty
-        return (
-            AnomalyScores(torch.cat(raw_s), torch.cat(raw_m)),
-            AnomalyScores(torch.cat(out_s), torch.cat(out_m)),
-        )
+        return concat_scores(raw_parts), concat_scores(aligned_parts)
 
     def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None) -> Calibration:
         """One threshold on the ALIGNED scores of these normal images (``calibration_``), and the base's on its
@@ -301,13 +323,8 @@ class CADA(BaseDetector):
         self._check_fitted()
         far = self.target_far if target_far is None else target_far
         source = source or "calibrate() on given images"
-        if self.tile_size is not None or not isinstance(self.image_size, int):
-            # tiles stitched or padding cut: score's own path (the base's threshold is not set: the base scores
-            # whole tiles or padded images, not what CADA's scores are made of)
-            aligned = self.score_dataset(normal_images, "calibrating")
-        else:
-            raw, aligned = self.score_with_base(normal_images)
-            self.base_.calibration_ = Calibration.from_normal_scores(raw.image_scores, far, source)
+        raw, aligned = self.score_with_base(normal_images)
+        self.base_.calibration_ = Calibration.from_normal_scores(raw.image_scores, far, source)
         self.calibration_ = Calibration.from_normal_scores(aligned.image_scores, far, source)
         return self.calibration_
 
@@ -351,6 +368,10 @@ class CADA(BaseDetector):
         self.min_spread_ = float(meta["min_spread"])
         if not self.min_spread_ > 0:
             raise ValueError(f"the bundle's min_spread must be a positive number, got {meta['min_spread']!r}")
+
+
+def _geometry(values: tuple) -> tuple:
+    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in values)
 
 
 def _scale(values: Tensor) -> Tensor:
