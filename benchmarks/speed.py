@@ -165,7 +165,7 @@ def sample_training_sets(data: Path, categories: list[str], n: int, tmp: Path) -
         source, target = data / category, root / category
         for entry in source.iterdir():
             if entry.name != "train":
-                (target).mkdir(parents=True, exist_ok=True)
+                target.mkdir(parents=True, exist_ok=True)
                 (target / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
         files = sorted((source / "train" / "good").iterdir())
         keep = sorted(np.random.default_rng(0).permutation(len(files))[:n])
@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--precision", default="f32", help=argparse.SUPPRESS)
     parser.add_argument("--files-list", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.seeds < 1 or (args.max_train is not None and args.max_train < 1):
+        parser.error(f"--seeds and --max-train must be at least 1, got {args.seeds} and {args.max_train}")
     if args.child_predict:
         return child_predict(args.child_predict, args.precision, args.files_list)
     if args.child_fit:

@@ -30,7 +30,7 @@ def read_normals(folder: str | os.PathLike, image_size: int) -> tuple[Tensor, li
     Raises:
         FileNotFoundError: no such folder. ValueError: it holds no image files, or a file cannot be read (naming it).
     """
-    from omniad.data.images import read_image, resize_image
+    from omniad.data.images import read_image
     from omniad.prediction import collect_inputs
 
     path = Path(folder)
@@ -44,7 +44,7 @@ def read_normals(folder: str | os.PathLike, image_size: int) -> tuple[Tensor, li
     images = []
     for file in files:
         try:
-            images.append(resize_image(read_image(file).unsqueeze(0), image_size)[0])
+            images.append(read_image(file, image_size))
         except (OSError, ValueError) as err:
             raise ValueError(f"{file}: cannot be read as a normal image ({err})") from None
     return torch.stack(images), files

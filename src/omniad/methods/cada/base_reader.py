@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
-from omniad.data.images import letterbox, resize_image
 from omniad.data.sources import iterate_batches
 from omniad.features import area_resize
 from omniad.methods.base import BaseDetector
@@ -34,14 +33,6 @@ def own_geometry(base: BaseDetector) -> bool:
     """Whether the base takes images as read (tiled: at their own size; (height, width) image_size: aspect kept)
     and returns maps of their whole content, rather than taking network inputs of its square image_size."""
     return base.tile_size is not None or not isinstance(base.image_size, int)
-
-
-def whole_view(base: BaseDetector, images: Tensor) -> Tensor:
-    """What the alignment head reads of images the base handles itself: each whole image as the network sees an
-    untiled one (squashed to the tiles' side when tiled; letterboxed to the (height, width) image_size)."""
-    if base.tile_size is not None:
-        return resize_image(images, base.input_hw)
-    return letterbox(images, *base.input_hw)[0]
 
 
 def jsonable_params(params: dict[str, Any] | None) -> dict[str, Any]:
@@ -138,9 +129,10 @@ class FeatureReader:
     def base_and_features(self, base: BaseDetector, images: Tensor) -> tuple[AnomalyScores, Tensor]:
         """The base's scores of ``images`` (on its device) and the frozen features of the wanted stage. A base
         with its own geometry (``own_geometry``) scores the images as read, its maps stitched or cropped to their
-        content; the features are then those of the whole image (``whole_view``)."""
+        content; the features are then those of the whole image as the base's network takes an untiled one
+        (its ``preprocess``: squashed to the tiles' side, or letterboxed)."""
         if own_geometry(base):
-            view = whole_view(base, images).to(self.backbone_device)
+            view = base.preprocess(images).to(self.backbone_device)
             return base.score(images), self._pool(self.backbone(view)[self.index])
         captured: list[Tensor] = []
         handle = None
@@ -242,5 +234,4 @@ __all__ = [
     "jsonable_params",
     "make_feature_reader",
     "own_geometry",
-    "whole_view",
 ]

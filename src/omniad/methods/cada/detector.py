@@ -170,11 +170,11 @@ class CADA(BaseDetector):
         if isinstance(self.base, BaseDetector):
             self.base_ = self.base
             # the base handles tiling and padding for both: they must read images alike
-            mine = (self.image_size, self.tile_size, self.resolved_.tile_stride if self.tile_size else None)
-            base = self.base_.get_params()
-            theirs = (base["image_size"], base["tile_size"],
-                      (base["tile_stride"] or max(1, int(base["tile_size"]) // 2)) if base["tile_size"] else None)
-            if _geometry(mine) != _geometry(theirs):
+            geometry = ("image_size", "tile_size", "tile_stride")
+            base = self.base_.resolved_params()
+            mine = tuple(_plain(getattr(self.resolved_, k)) for k in geometry)
+            theirs = tuple(_plain(base[k]) for k in geometry)
+            if mine != theirs:
                 raise ValueError(f"cada: its image_size / tile_size / tile_stride {mine} differ from its base's "
                                  f"{theirs}; give CADA the same ones")
         else:
@@ -370,8 +370,9 @@ class CADA(BaseDetector):
             raise ValueError(f"the bundle's min_spread must be a positive number, got {meta['min_spread']!r}")
 
 
-def _geometry(values: tuple) -> tuple:
-    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in values)
+def _plain(value: Any) -> Any:
+    """A pair as a tuple, whether it came as a list (JSON) or a tuple."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _scale(values: Tensor) -> Tensor:
