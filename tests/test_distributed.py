@@ -24,8 +24,9 @@ CASES = {
                   dim_feedforward=32, feature_stride=8, neighbor_size=1, epochs=6, train_batch_size=4, lr=1e-2,
                   dropout=0.0, jitter_alpha=0.0),
     # DEFEND's crops and the random masks are drawn per image of the global batch, Sinkhorn sums over every rank
-    "mkd": dict(preset="cpu", stages=(2,), embed_dim=16, depth=1, num_heads=2, epochs=3, train_batch_size=4,
-                masking="random", defend=True, defend_epochs=2, defend_lr=1e-3, head_hidden=16, head_dim=8),
+    "mkd": dict(preset="cpu", stages=(2,), embed_dim=16, depth=1, num_heads=2, epochs=3, min_steps=0,
+                train_batch_size=4, masking="random", defend=True, defend_epochs=2, defend_lr=1e-3, head_hidden=16,
+                head_dim=8),
 }
 
 

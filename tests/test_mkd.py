@@ -15,7 +15,7 @@ from omniad.postprocess import image_score
 
 TINY = dict(weights="random", image_size=32, batch_size=8, device="cpu", progress=False, seed=0, preset="cpu",
             embed_dim=16, depth=1, num_heads=2, epochs=1, train_batch_size=4, head_hidden=16, head_dim=8,
-            stages=(2,), calibration_fraction=0.0)
+            min_steps=0, stages=(2,), calibration_fraction=0.0)
 
 
 def _images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -111,8 +111,19 @@ def test_prototypes_default_to_twice_the_normal_classes():
     assert create_detector("mkd", **TINY, n_normal_classes=5, n_prototypes=3).prepare().resolved_.n_prototypes == 3
 
 
+def test_min_steps_adds_epochs_on_a_small_set_only():
+    # 8 images in batches of 4: 2 steps an epoch
+    floor = create_detector("mkd", **{**TINY, "epochs": 1, "min_steps": 5}).fit(_images(8))
+    assert floor.distil_epochs_ == 3 and len(floor.loss_history_) == 6  # ceil(5 / 2) epochs, whole epochs
+    paper = create_detector("mkd", **{**TINY, "epochs": 4, "min_steps": 5}).fit(_images(8))
+    assert paper.distil_epochs_ == 4 and len(paper.loss_history_) == 8  # already past the floor
+    assert create_detector("mkd", weights="random", preset="cpu").prepare().resolved_.min_steps == 500
+    assert create_detector("mkd", weights="random", preset="paper").prepare().resolved_.min_steps is None
+
+
 @pytest.mark.parametrize("bad", [dict(mask_ratio=1.0), dict(mask_ratio=-0.1), dict(masking="attention"),
-                                 dict(n_prototypes=1), dict(crop_scale=(0.5, 0.2)), dict(temperature=0.0),
+                                 dict(n_prototypes=1), dict(min_steps=-1), dict(crop_scale=(0.5, 0.2)),
+                                 dict(temperature=0.0),
                                  dict(stages=(2, 3)), dict(defend_lr=0.0)])
 def test_out_of_range_parameters_are_refused(bad):
     with pytest.raises(ValueError):
