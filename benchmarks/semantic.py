@@ -21,11 +21,13 @@ A method name ``X+defend`` is method ``X`` with ``defend=True``; ``--param X.key
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +46,8 @@ DEFAULT_METHODS = "mkd,mkd+defend,patchcore,padim,uniad"
 # CPU settings of the existing methods in this benchmark (the detectors' defaults stay the papers')
 CPU_SETTINGS: dict[str, dict] = {
     "patchcore": {"coreset_ratio": 0.01},
-    # a 4 x 4 token grid at 64 px (stride 32 gives 2 x 2, too few for the 3 x 3 neighbor mask); 10 epochs, not the
-    # preset's 80, to fit 25 runs in the CPU budget
-    "uniad": {"preset": "cpu", "feature_stride": 16, "epochs": 10},
+    # a 4 x 4 token grid at 64 px (stride 32 gives 2 x 2, too few for the 3 x 3 neighbor mask); the preset's epochs
+    "uniad": {"preset": "cpu", "feature_stride": 16},
     "mkd": {"preset": "cpu"},
 }
 # the paper's Fashion-MNIST AUROC (%), ViT-B/16 teacher (ImageNet-21k), 224 px, full data (Tables 2 and 4)
@@ -89,6 +90,45 @@ def run_one(name: str, params: dict, protocol: NoveltyProtocol) -> dict:
     }
 
 
+def build_jobs(args: argparse.Namespace, settings: list[str]) -> list[tuple[str, str, NoveltyProtocol]]:
+    """(setting, row, protocol) of every run, in table order; seeded, so every process builds the same ones."""
+    caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
+                seed=args.seed)
+    jobs: list[tuple[str, str, NoveltyProtocol]] = []
+    if any(s != "multi-object" for s in settings):
+        train, test = read_idx(args.fashion, "train", args.image_size), read_idx(args.fashion, "test", args.image_size)
+        classes = train.class_names
+        if "uni-class" in settings:
+            jobs += [("uni-class", c, build_protocol("uni-class", train, test, normal=[c], **caps)) for c in classes]
+        if "multi-class" in settings:
+            jobs += [("multi-class", s, build_protocol("multi-class", train, test, split=s, **caps))
+                     for s in SPLITS_5V5]
+        if "leave-one-out" in settings:
+            jobs += [("leave-one-out", c, build_protocol("leave-one-out", train, test, held_out=c, **caps))
+                     for c in classes]
+    if "multi-object" in settings:
+        coco = read_coco(args.coco, image_size=args.image_size)
+        jobs.append(("multi-object", "person", multi_object(coco, "person", seed=args.seed)))
+    return jobs
+
+
+_WORKER_JOBS: list = []
+
+
+def _init_worker(args: argparse.Namespace, settings: list[str]) -> None:
+    torch.set_num_threads(args.threads)
+    _WORKER_JOBS[:] = build_jobs(args, settings)
+
+
+def _run_task(job: int, name: str, params: dict) -> dict:
+    return run_one(name, params, _WORKER_JOBS[job][2])
+
+
+def _order(jobs: list, specs: dict, key: tuple[str, str, str]) -> tuple[int, int]:
+    rows = [(s, r) for s, r, _ in jobs]
+    return rows.index(key[:2]), list(specs).index(key[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
@@ -104,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core CPU, 2 threads fight and run slower)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="runs in parallel worker processes, each with --threads threads (results do not "
+                             "depend on it; times per run do)")
     parser.add_argument("--out", default="benchmarks/results/semantic.md")
     args = parser.parse_args(argv)
+    if args.processes < 1 or args.threads < 1:
+        parser.error("--processes and --threads must be at least 1")
     torch.set_num_threads(args.threads)
 
     overrides: dict[str, dict] = {}
@@ -116,33 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     common = dict(weights=args.weights, image_size=args.image_size, seed=args.seed, progress=False,
                   calibration_fraction=0.0)
-    caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
-                seed=args.seed)
     started_all, load_start = time.perf_counter(), os.getloadavg()
 
-    jobs: list[tuple[str, str, NoveltyProtocol]] = []  # (setting, row, protocol)
-    if any(s != "multi-object" for s in settings):
-        train, test = read_idx(args.fashion, "train", args.image_size), read_idx(args.fashion, "test", args.image_size)
-        classes = train.class_names
-        if "uni-class" in settings:
-            jobs += [("uni-class", c, build_protocol("uni-class", train, test, normal=[c], **caps)) for c in classes]
-        if "multi-class" in settings:
-            jobs += [("multi-class", s, build_protocol("multi-class", train, test, split=s, **caps))
-                     for s in SPLITS_5V5]
-        if "leave-one-out" in settings:
-            jobs += [("leave-one-out", c, build_protocol("leave-one-out", train, test, held_out=c, **caps))
-                     for c in classes]
-    if "multi-object" in settings:
-        coco = read_coco(args.coco, image_size=args.image_size)
-        jobs.append(("multi-object", "person", multi_object(coco, "person", seed=args.seed)))
-
+    jobs = build_jobs(args, settings)
+    tasks = [(j, label) for j in range(len(jobs)) for label in specs]  # every (protocol, method) run
     results: dict[tuple[str, str, str], dict] = {}
-    for setting, row, protocol in jobs:
-        for label, (name, params) in specs.items():
-            result = run_one(name, {**params, **common}, protocol)
-            results[setting, row, label] = result
-            print(f"{setting} {row} {label}: AUROC {result['auroc']:.3f}, fit {result['fit_s']:.0f} s "
-                  f"({result['n_train']} images), score {result['score_s']:.0f} s", file=sys.stderr, flush=True)
+
+    def record(task: tuple[int, str], result: dict) -> None:
+        setting, row, _ = jobs[task[0]]
+        results[setting, row, task[1]] = result
+        print(f"{setting} {row} {task[1]}: AUROC {result['auroc']:.3f}, fit {result['fit_s']:.0f} s "
+              f"({result['n_train']} images), score {result['score_s']:.0f} s", file=sys.stderr, flush=True)
+
+    if args.processes > 1:  # runs are independent: each worker builds the same seeded protocols once
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.processes, mp_context=context, initializer=_init_worker,
+                                 initargs=(args, settings)) as pool:
+            futures = {pool.submit(_run_task, j, specs[label][0], {**specs[label][1], **common}): (j, label)
+                       for j, label in tasks}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    else:
+        for j, label in tasks:
+            name, params = specs[label]
+            record((j, label), run_one(name, {**params, **common}, jobs[j][2]))
+    results = {key: results[key] for key in sorted(results, key=lambda k: _order(jobs, specs, k))}
     total = time.perf_counter() - started_all
 
     labels = list(specs)
@@ -172,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Semantic and multi-object novelty (image AUROC %, whole test set)",
         "",
         f"Command: `python {shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads (2-core CPU shared with other "
-        f"jobs), torch {torch.__version__}. Total wall time {total / 60:.1f} min; load average (1, 5, 15 min) "
+        f"Machine: {platform.machine()}, {args.processes} process(es) x {torch.get_num_threads()} torch threads "
+        f"(2-core CPU), torch {torch.__version__}. Total wall time {total / 60:.1f} min; load average (1, 5, 15 min) "
         f"{'/'.join(f'{x:.1f}' for x in load_start)} at the start, "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.  ",
         f"CPU setting: {args.image_size} px (the 28 x 28 images upscaled), at most {args.max_train_per_class} "
