@@ -15,6 +15,7 @@ counts used are written beside every row. Writes a Markdown table with the comma
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import shlex
 import sys
@@ -128,10 +129,36 @@ def cached_test(detector, test) -> tuple[object, list]:
     return feature_cat(feats), samples
 
 
+def features_subset(features, index: np.ndarray):
+    """Rows ``index`` of cached features (a tensor, or a list / tuple of per-stage tensors)."""
+    if isinstance(features, (list, tuple)):
+        return type(features)(features_subset(f, index) for f in features)
+    return features[torch.as_tensor(index)]
+
+
+def score_in_lots(model, feats, count: int, lot: int | None, seed: int) -> AnomalyScores:
+    """musc's scores of a whole test set, the images scored against each other in seeded random lots of about
+    ``lot`` images (MuSc's subsets: the cost grows with the square of a lot's size); None: one lot."""
+    if not lot or count <= lot:
+        return model.score_cached(feats)
+    order = np.random.default_rng(seed).permutation(count)
+    lots = np.array_split(order, math.ceil(count / lot))
+    image = torch.empty(count, dtype=torch.float32)
+    maps = None
+    for index in lots:
+        part = model.score_cached(features_subset(feats, index))
+        if maps is None:
+            maps = torch.empty(count, *part.anomaly_maps.shape[1:], dtype=part.anomaly_maps.dtype)
+        image[torch.as_tensor(index)] = part.image_scores.float()
+        maps[torch.as_tensor(index)] = part.anomaly_maps
+    return AnomalyScores(image, maps)
+
+
 def new_type_rows(label: str, method: str, params: dict, split: str, train, tests: dict, shots: dict,
-                  folder: Path) -> list[str]:
+                  folder: Path, ks: tuple[int, ...], lot: int | None, seed: int) -> list[str]:
     """One fit on the seen types; per unseen type and k: adapt on k normals (a fresh copy of the saved model),
-    score the cached test features, recalibrate on the same k normals (target 0: the highest of their scores)."""
+    score the cached test features, recalibrate on the same k normals (target 0: the highest of their scores).
+    musc's scores do not depend on k (zero-shot): they are computed once per type."""
     started = time.perf_counter()
     fitted = create_detector(method, **params).fit(train)  # holds out 10% of the seen types for its threshold
     fit_s = time.perf_counter() - started
@@ -141,7 +168,8 @@ def new_type_rows(label: str, method: str, params: dict, split: str, train, test
     for category, test in tests.items():
         feats, samples = cached_test(fitted, test)
         normal = np.array([s.label == 0 for s in samples])
-        for k in SHOTS:
+        zero_shot = None
+        for k in ks:
             if method == "musc" and k == 1:
                 continue  # mutual scoring needs 2 normals to calibrate
             started = time.perf_counter()
@@ -149,7 +177,12 @@ def new_type_rows(label: str, method: str, params: dict, split: str, train, test
             model.progress = False
             if k and method != "musc":  # adapted on the k normals, threshold from them left-one-out
                 adapt(model, shots[category][:k], 0.0)
-            scores = model.score_cached(feats)
+            if method == "musc":
+                if zero_shot is None:
+                    zero_shot = score_in_lots(model, feats, len(samples), lot, seed)
+                scores = zero_shot
+            else:
+                scores = model.score_cached(feats)
             report = report_from_scores(scored_set(samples, scores), None, describe_detector(model)).rows[category]
             values = scores.image_scores.double().numpy()
             far_before = float(np.mean(values[normal] > before.threshold))
@@ -182,12 +215,15 @@ def run_new_type(args, jobs: list) -> list[str]:
                 test = MVTecDataset(root, categories=[category], split="test", image_size=args.image_size)
                 tests[category] = subsample(test, args.max_test_per_type, True, args.seed) if real else test
                 pool = MVTecDataset(root, categories=[category], split="train", image_size=args.image_size)
-                pick = np.random.default_rng(args.seed).choice(len(pool), size=max(SHOTS), replace=False)
+                pick = np.random.default_rng(args.seed).choice(len(pool), size=max(args.shots), replace=False)
                 shots[category] = torch.stack([pool[int(i)].image for i in pick])  # the new type's k normals
             for label, (method, settings) in NEW_TYPE_METHODS.items():
+                if args.new_type_methods and label not in args.new_type_methods:
+                    continue
                 params = {**settings, "weights": args.weights, "image_size": args.image_size, "seed": args.seed,
                           "progress": False}
-                rows += new_type_rows(label, method, params, split, train, tests, shots, Path(tmp))
+                rows += new_type_rows(label, method, params, split, train, tests, shots, Path(tmp),
+                                      tuple(args.shots), args.musc_lot, args.seed)
     return rows
 
 
@@ -207,7 +243,9 @@ def new_type_table(args, argv, rows: list[str], seconds: float) -> list[str]:
         "seen-thr: share "
         "of the unseen type's test normals above the seen types' threshold; FAR after / caught after: share of its "
         "test normals / defective images above the threshold recalibrated on the k normals. musc scores each "
-        "type's whole test set against itself (mutual scoring). Real-data subsets: at most "
+        "type's test set against itself (mutual scoring), "
+        + (f"in seeded random lots of at most {args.musc_lot} images. " if args.musc_lot else "in one lot. ")
+        + "Real-data subsets: at most "
         f"{args.max_train or 'all'} training images per seen type, {args.max_test_per_type or 'all'} test images "
         "per defect type (seeded).", "",
         "| train -> test | unseen type | method | k | I-AUROC | P-AUROC | AU-PRO | FAR seen-thr | FAR after | "
@@ -237,7 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cross_class.md")
     parser.add_argument("--new-type-out", default="benchmarks/results/cross_class_new_type.md")
+    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
+                        help="new-type: the k values (normal images of the unseen type)")
+    parser.add_argument("--new-type-methods", nargs="+", choices=list(NEW_TYPE_METHODS),
+                        help="new-type: the methods (default: all)")
+    parser.add_argument("--new-type-splits", nargs="+", choices=["real", "synthetic"], default=["real", "synthetic"])
+    parser.add_argument("--musc-lot", type=int, default=None,
+                        help="new-type: musc scores each unseen type's test set in seeded lots of at most N images "
+                             "(default: the whole set at once)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.shots) < 0 or (args.musc_lot is not None and args.musc_lot < 2):
+        parser.error("--shots must be >= 0 and --musc-lot >= 2")
 
     known = list_detectors()
     methods = args.method or [m for m in ("pmad", "patchcore", "uniad") if m in known]
@@ -269,10 +320,15 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append(("synthetic cross-class", split, root, *cross_class_split(split), methods))
 
     if "new-type" in settings:
-        new_jobs = [("new type", split, Path(args.data), *cross_class_split(split), []) for split in REAL_SPLITS]
-        synthetic = make_synthetic_dataset(Path(tmp.name) / "new-type", n_train=args.synthetic_train, n_test_good=8,
-                                           n_test_defect=8, image_size=args.image_size, seed=args.seed)
-        new_jobs.append(("new type", SYNTHETIC_SPLITS[0], synthetic, *cross_class_split(SYNTHETIC_SPLITS[0]), []))
+        new_jobs = []
+        if "real" in args.new_type_splits:
+            new_jobs += [("new type", split, Path(args.data), *cross_class_split(split), []) for split in REAL_SPLITS]
+        if "synthetic" in args.new_type_splits:
+            synthetic = make_synthetic_dataset(Path(tmp.name) / "new-type", n_train=args.synthetic_train,
+                                               n_test_good=8, n_test_defect=8, image_size=args.image_size,
+                                               seed=args.seed)
+            new_jobs.append(("new type", SYNTHETIC_SPLITS[0], synthetic, *cross_class_split(SYNTHETIC_SPLITS[0]),
+                             []))
         rows = run_new_type(args, new_jobs)
         publish(new_type_table(args, argv, rows, time.perf_counter() - started_all), args.new_type_out)
     if not jobs:
