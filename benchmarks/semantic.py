@@ -38,7 +38,7 @@ from common import parse_params, pct, publish
 
 from omniad import create_detector, list_detectors
 from omniad.data.labelled import FASHION_MNIST_CLASSES, read_coco, read_idx
-from omniad.data.novelty import SPLITS_5V5, NoveltyProtocol, build_protocol, multi_object
+from omniad.data.novelty import SPLITS_5V5, NoveltyProtocol, build_protocol, multi_object, tell_normal_count
 from omniad.metrics import evaluate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -76,6 +76,7 @@ def method_specs(text: str, overrides: dict[str, dict]) -> dict[str, tuple[str, 
 def run_one(name: str, params: dict, protocol: NoveltyProtocol) -> dict:
     """Fit on the protocol's normal images, evaluate its test set: AUROC (mixed row), times and throughputs."""
     detector = create_detector(name, **params)
+    tell_normal_count(detector, protocol.setting, params)  # mkd's DEFEND: 2 x the normal classes' prototypes
     detector.fit(protocol.train)
     report = evaluate(detector, protocol.test, progress=False)
     n_train = len(protocol.train)

@@ -10,8 +10,16 @@ import torch
 
 from omniad.cli import main
 from omniad.data.labelled import LabelledImages
-from omniad.data.novelty import build_protocol, leave_one_out, multi_class, multi_object, uni_class
+from omniad.data.novelty import (
+    build_protocol,
+    leave_one_out,
+    multi_class,
+    multi_object,
+    tell_normal_count,
+    uni_class,
+)
 from omniad.metrics import evaluate
+from omniad.registry import create_detector
 from omniad.types import AnomalyScores
 from test_labelled import tiny_images, write_idx
 
@@ -56,6 +64,19 @@ def test_multi_class_named_5v5_splits_and_rows():
     anomalies = (5, 6, 7, 8, 9)
     assert p.setting.rows["2"] == (2, *anomalies)  # the class's normal images plus every anomaly
     assert train_classes(multi_class(train, test, ["1", "3"])) == ["1", "3"]
+
+
+def test_defend_prototypes_follow_the_protocols_normal_classes():
+    train, test = ten_classes(2), ten_classes(1)
+    setting = multi_class(train, test, "5v5-odd").setting
+    mkd = create_detector("mkd", weights="random", preset="cpu")
+    assert tell_normal_count(mkd, setting, {})
+    assert mkd.prepare().resolved_.n_prototypes == 10  # the paper's 2 x the normal classes
+    told = create_detector("mkd", weights="random", preset="cpu", n_normal_classes=2)
+    assert not tell_normal_count(told, setting, {"n_normal_classes": 2})  # the user's count wins
+    assert told.prepare().resolved_.n_prototypes == 4
+    assert not tell_normal_count(create_detector("padim", weights="random"), setting, {})  # no such parameter
+    assert tell_normal_count(mkd, leave_one_out(train, test, "3").setting, {}) and mkd.n_normal_classes == 9
 
 
 def test_leave_one_out_holds_out_one_class():

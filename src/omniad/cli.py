@@ -186,8 +186,13 @@ def _fit(args: argparse.Namespace, names: list[str]):
     detector = create_detector(args.method, **params)
     novelty = _novelty(args, detector.image_size)
     if novelty is not None:
+        from omniad.data.novelty import tell_normal_count
+
         train = novelty.train
         _print_skipped(novelty.skipped.get("train", []), "train")
+        if tell_normal_count(detector, novelty.setting, params):
+            print(f"{args.method}: n_normal_classes = {len(novelty.setting.normal)} (the protocol's normal classes)",
+                  file=sys.stderr)
         print(f"fitting {args.method} on {len(train)} normal images; {novelty.setting.describe()}", file=sys.stderr)
     else:
         train_categories, _ = _resolve_categories(args)

@@ -26,7 +26,7 @@ Image-level metrics only (these sets have no masks). Optional seeded caps per cl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -125,6 +125,17 @@ class NoveltyProtocol:
     setting: NoveltySetting
     # folder entries the reader did not use, per split read ("train", "test"), for the caller to report
     skipped: dict[str, list] = field(default_factory=dict)
+
+
+def tell_normal_count(detector: Any, setting: NoveltySetting, explicit: Mapping[str, Any]) -> bool:
+    """Give a detector that sizes itself by the number of normal classes (its ``n_normal_classes`` parameter:
+    mkd's DEFEND keeps 2 x that many prototypes) the count the protocol names, unless ``explicit`` (the user's
+    parameters) already sets it. Returns whether it was set. The count is what the user declared normal, never
+    read from the training labels."""
+    if "n_normal_classes" not in detector.get_params() or "n_normal_classes" in explicit:
+        return False
+    detector.set_params(n_normal_classes=len(setting.normal))
+    return True
 
 
 def _check_classes(names: Sequence[str], known: Sequence[str], what: str, data: LabelledImages) -> list[str]:
@@ -323,5 +334,6 @@ __all__ = [
     "multi_object",
     "novelty_split",
     "split_classes",
+    "tell_normal_count",
     "uni_class",
 ]
