@@ -35,7 +35,8 @@ from omniad.adaptation import adapt, recalibrate
 from omniad.data import MVTecDataset, make_synthetic_dataset
 from omniad.data.protocols import cross_class_split
 from omniad.data.sources import iterate_samples
-from omniad.features import feature_cat, feature_to
+from omniad.features import feature_cat, feature_slice, feature_to
+from omniad.methods.base import concat_scores
 from omniad.metrics import describe_detector, evaluate, report_from_scores
 from omniad.types import AnomalyScores
 
@@ -129,29 +130,18 @@ def cached_test(detector, test) -> tuple[object, list]:
     return feature_cat(feats), samples
 
 
-def features_subset(features, index: np.ndarray):
-    """Rows ``index`` of cached features (a tensor, or a list / tuple of per-stage tensors)."""
-    if isinstance(features, (list, tuple)):
-        return type(features)(features_subset(f, index) for f in features)
-    return features[torch.as_tensor(index)]
-
-
 def score_in_lots(model, feats, count: int, lot: int | None, seed: int) -> AnomalyScores:
     """musc's scores of a whole test set, the images scored against each other in seeded random lots of about
     ``lot`` images (MuSc's subsets: the cost grows with the square of a lot's size); None: one lot."""
     if not lot or count <= lot:
         return model.score_cached(feats)
-    order = np.random.default_rng(seed).permutation(count)
-    lots = np.array_split(order, math.ceil(count / lot))
-    image = torch.empty(count, dtype=torch.float32)
-    maps = None
-    for index in lots:
-        part = model.score_cached(features_subset(feats, index))
-        if maps is None:
-            maps = torch.empty(count, *part.anomaly_maps.shape[1:], dtype=part.anomaly_maps.dtype)
-        image[torch.as_tensor(index)] = part.image_scores.float()
-        maps[torch.as_tensor(index)] = part.anomaly_maps
-    return AnomalyScores(image, maps)
+    order = torch.as_tensor(np.random.default_rng(seed).permutation(count))
+    shuffled = feats[order] if isinstance(feats, torch.Tensor) else [f[order] for f in feats]
+    bounds = np.cumsum([0, *map(len, np.array_split(np.arange(count), math.ceil(count / lot)))])
+    scores = concat_scores([model.score_cached(feature_slice(shuffled, int(a), int(b)))
+                            for a, b in zip(bounds[:-1], bounds[1:])])
+    back = torch.argsort(order)  # each image's row in the shuffled order
+    return AnomalyScores(scores.image_scores[back], scores.anomaly_maps[back])
 
 
 def new_type_rows(label: str, method: str, params: dict, split: str, train, tests: dict, shots: dict,

@@ -125,11 +125,6 @@ def _run_task(job: int, name: str, params: dict) -> dict:
     return run_one(name, params, _WORKER_JOBS[job][2])
 
 
-def _order(jobs: list, specs: dict, key: tuple[str, str, str]) -> tuple[int, int]:
-    rows = [(s, r) for s, r, _ in jobs]
-    return rows.index(key[:2]), list(specs).index(key[2])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
@@ -166,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = build_jobs(args, settings)
     tasks = [(j, label) for j in range(len(jobs)) for label in specs]  # every (protocol, method) run
-    results: dict[tuple[str, str, str], dict] = {}
+    done: dict[tuple[int, str], dict] = {}
 
     def record(task: tuple[int, str], result: dict) -> None:
+        done[task] = result
         setting, row, _ = jobs[task[0]]
-        results[setting, row, task[1]] = result
         print(f"{setting} {row} {task[1]}: AUROC {result['auroc']:.3f}, fit {result['fit_s']:.0f} s "
               f"({result['n_train']} images), score {result['score_s']:.0f} s", file=sys.stderr, flush=True)
 
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         for j, label in tasks:
             name, params = specs[label]
             record((j, label), run_one(name, {**params, **common}, jobs[j][2]))
-    results = {key: results[key] for key in sorted(results, key=lambda k: _order(jobs, specs, k))}
+    results = {(*jobs[j][:2], label): done[j, label] for j, label in tasks}  # in table order
     total = time.perf_counter() - started_all
 
     labels = list(specs)
