@@ -120,6 +120,24 @@ def test_params_round_trip_and_documentation():
     assert repr(det).startswith("PatchCore(") and "coreset_ratio=0.2" in repr(det) and "batch_size" not in repr(det)
 
 
+def test_resolved_params_are_normalised_and_checked_before_derive_params():
+    # JSON and YAML give lists and 3.0: the resolved values are tuples of ints, whatever the spelling
+    r = create_detector("revdist", preset="cpu", stages=[1.0, 2], image_size=[64, 96.0]).resolved_params()
+    assert r["stages"] == (1, 2) and all(type(s) is int for s in r["stages"])
+    assert r["image_size"] == (64, 96) and type(r["image_size"]) is tuple
+    assert r["decoder_blocks"] == (1, 1)  # the preset's depths follow the 2 stages (derive_params got a tuple)
+    assert type(create_detector("padim", image_size=64.0).resolved_params()["image_size"]) is int
+    # a bad item is refused by name before derive_params reads it (not a bare int() or comparison error)
+    with pytest.raises(ValueError, match=r"revdist: stages\[0\] must be a number"):
+        create_detector("revdist", preset="cpu", stages=["a"]).resolved_params()
+    with pytest.raises(ValueError, match=r"mkd: crop_scale\[1\] must be a number"):
+        create_detector("mkd", preset="cpu", crop_scale=(0.1, "x")).resolved_params()
+    # values derive_params fills are checked too
+    assert create_detector("mkd", preset="cpu", n_normal_classes=3).resolved_params()["n_prototypes"] == 6
+    with pytest.raises(ValueError, match="musc: aggregation_degrees must not be empty"):
+        create_detector("musc", aggregation_degrees=()).resolved_params()
+
+
 def test_fit_accepts_tensor_list_and_samples_and_never_passes_labels(spy):
     images = _constant_images(6)
     for data in (

@@ -42,6 +42,12 @@ class Interval:
         if not (low_ok and high_ok):
             raise ValueError(f"{name} must be in {self.describe()}, got {value!r}")
 
+    def normalize(self, value: Any) -> Any:
+        """A checked value as its one type: int for whole-number intervals (3.0 -> 3), else float."""
+        if value is None:
+            return None
+        return int(value) if self.integer else float(value)
+
     def describe(self) -> str:
         left = "(" if self.low_open or self.low is None else "["
         right = ")" if self.high_open or self.high is None else "]"
@@ -59,6 +65,9 @@ class Options:
     def check(self, name: str, value: Any) -> None:
         if value not in self.values:
             raise ValueError(f"{name} must be one of {', '.join(repr(v) for v in self.values)}; got {value!r}")
+
+    def normalize(self, value: Any) -> Any:
+        return value
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,12 @@ class Each:
         for i, v in enumerate(value):
             self.item.check(f"{name}[{i}]", v)
 
+    def normalize(self, value: Any) -> Any:
+        """A checked sequence as a tuple of normalised items (lists from JSON or YAML compare equal to tuples)."""
+        if value is None:
+            return None
+        return tuple(self.item.normalize(v) for v in value)
+
 
 @dataclass(frozen=True)
 class Either:
@@ -97,6 +112,13 @@ class Either:
                 self.second.check(name, value)
             except ValueError as second_error:
                 raise ValueError(f"{first_error}; or {second_error}") from None
+
+    def normalize(self, value: Any) -> Any:
+        try:
+            self.first.check("", value)
+        except ValueError:
+            return self.second.normalize(value)
+        return self.first.normalize(value)
 
 
 POSITIVE_INT = Interval(1, None, integer=True)
@@ -122,14 +144,22 @@ def fill_params(
     return values
 
 
-def check_params(values: Mapping[str, Any], constraints: Mapping[str, Any], owner: str) -> None:
-    """Refuse any value outside its constraint (``Interval`` / ``Options`` / ``Each``), naming the parameter."""
+def check_params(
+    values: Mapping[str, Any], constraints: Mapping[str, Any], owner: str, *, skip_none: bool = False
+) -> dict[str, Any]:
+    """Refuse any value outside its constraint (``Interval`` / ``Options`` / ``Each``), naming the parameter;
+    return the values normalised (sequences as tuples, whole numbers as int). ``skip_none``: leave values still
+    None unchecked (a method's ``derive_params`` fills them next)."""
+    out = dict(values)
     for name, constraint in constraints.items():
-        if name in values:
-            try:
-                constraint.check(name, values[name])
-            except ValueError as err:
-                raise ValueError(f"{owner}: {err}") from None
+        if name not in values or (skip_none and values[name] is None):
+            continue
+        try:
+            constraint.check(name, values[name])
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from None
+        out[name] = constraint.normalize(values[name])
+    return out
 
 
 def as_namespace(values: Mapping[str, Any]) -> SimpleNamespace:

@@ -232,16 +232,19 @@ class BaseDetector:
     def resolved_params(self) -> dict[str, Any]:
         """Every hyper-parameter with its effective value: presets and defaults filled in, all validated."""
         values = {name: getattr(self, name) for name in self.param_names()}
-        values = self.derive_params(fill_params(values, self.presets, self.defaults, self.name))
-        check_params(values, self.all_constraints(), self.name)
-        whole_square = values.get("tile_size") is None and isinstance(values["image_size"], int)
-        if not (self.supports_input_modes or whole_square):
+        constraints = self.all_constraints()
+        # checked before derive_params (which may read any value) and after (what it derived obeys them too)
+        values = check_params(fill_params(values, self.presets, self.defaults, self.name), constraints, self.name,
+                              skip_none=True)
+        values = check_params(self.derive_params(values), constraints, self.name)
+        if not (self.supports_input_modes or whole_square_input(values["image_size"], values.get("tile_size"))):
             raise ValueError(f"{self.name} scores whole square images only: tile_size and an (height, width) "
                              "image_size are not supported")
         return _resolve_tiling(values, self.name)
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Hook: values that follow from others after resolution (e.g. depths fitted to the number of stages)."""
+        """Hook: values that follow from others after resolution (e.g. depths fitted to the number of stages). It
+        gets checked values (sequences as tuples), except those still None, which it may fill."""
         return values
 
     def __repr__(self) -> str:
@@ -267,7 +270,7 @@ class BaseDetector:
     def input_hw(self) -> tuple[int, int]:
         """(height, width) of the network's input: ``image_size`` as a pair."""
         size = self.image_size
-        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
     @property
     def read_size(self) -> Any:
@@ -276,8 +279,8 @@ class BaseDetector:
         size), None when tiled (each image at its own size, as are its maps)."""
         if self.tile_size is not None:
             return None
-        if isinstance(self.image_size, int):
-            return self.image_size
+        if whole_square_input(self.image_size, self.tile_size):
+            return int(self.image_size)
         return KeepAspect(*self.input_hw)
 
     def build_frozen(self, pretrained: bool) -> None:
@@ -636,6 +639,12 @@ class BaseDetector:
         calibration = getattr(self, "calibration_", None)
         meta["calibration"] = None if calibration is None else calibration.to_dict()
         return meta
+
+
+def whole_square_input(image_size: Any, tile_size: Any) -> bool:
+    """Whether a detector takes whole images squashed to a square network input (one side for ``image_size``, no
+    tiling), rather than tiles or aspect-kept inputs."""
+    return tile_size is None and not isinstance(image_size, (tuple, list))
 
 
 def _resolve_tiling(values: dict[str, Any], owner: str) -> dict[str, Any]:

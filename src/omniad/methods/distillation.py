@@ -87,12 +87,8 @@ class DistillationDetector(BaseDetector):
         self.decoder_activation = decoder_activation
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
-        values["stages"] = tuple(int(s) for s in values["stages"])
-        values["betas"] = tuple(float(b) for b in values["betas"])
-        blocks = tuple(int(b) for b in values["decoder_blocks"])
         if self.decoder_blocks is None:  # a preset's depths, given for 3 stages, follow the number of stages
-            blocks = preset_depths(blocks, len(values["stages"]))
-        values["decoder_blocks"] = blocks
+            values["decoder_blocks"] = preset_depths(values["decoder_blocks"], len(values["stages"]))
         return values
 
     def decoder_settings(self) -> dict[str, Any]:

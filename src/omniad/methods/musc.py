@@ -118,11 +118,6 @@ class MuSc(BaseDetector):
         self.aggregation_degrees = aggregation_degrees
         self.interval_fraction = interval_fraction
 
-    def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
-        if not values["aggregation_degrees"]:
-            raise ValueError("musc: aggregation_degrees needs at least one degree")
-        return values
-
     def train_features(self, features: Any) -> None:
         """Nothing to learn: MuSc is training-free (``fit`` only sets up and calibrates)."""
 

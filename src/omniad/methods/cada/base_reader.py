@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from omniad.backbone import Backbone
 from omniad.data.sources import iterate_batches
 from omniad.features import area_resize
-from omniad.methods.base import BaseDetector
+from omniad.methods.base import BaseDetector, whole_square_input
 from omniad.methods.cada.alignment import map_moments
 from omniad.types import AnomalyScores
 
@@ -32,7 +32,7 @@ SHARED_COMMON = ("backbone", "weights", "image_size", "tile_size", "tile_stride"
 def own_geometry(base: BaseDetector) -> bool:
     """Whether the base takes images as read (tiled: at their own size; (height, width) image_size: aspect kept)
     and returns maps of their whole content, rather than taking network inputs of its square image_size."""
-    return base.tile_size is not None or not isinstance(base.image_size, int)
+    return not whole_square_input(base.image_size, base.tile_size)
 
 
 def jsonable_params(params: dict[str, Any] | None) -> dict[str, Any]:

@@ -125,7 +125,7 @@ class MKD(BaseDetector):
         "defend_lr": Interval(0.0, None, low_open=True),
         "head_lr": Interval(0.0, None, low_open=True),
         "n_normal_classes": POSITIVE_INT,
-        "n_prototypes": Interval(2, None, integer=True),
+        "n_prototypes": Interval(2, None, integer=True, allow_none=True),  # None: 2 x n_normal_classes
         "head_hidden": POSITIVE_INT,
         "head_dim": POSITIVE_INT,
         "temperature": Interval(0.0, None, low_open=True),
@@ -197,8 +197,6 @@ class MKD(BaseDetector):
         self.crop_scale = crop_scale
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
-        values["stages"] = tuple(int(s) for s in values["stages"])
-        values["crop_scale"] = tuple(float(s) for s in values["crop_scale"])
         if values["crop_scale"][0] > values["crop_scale"][1]:
             raise ValueError(f"mkd: crop_scale {values['crop_scale']} must be (low, high) with low <= high")
         if values["n_prototypes"] is None:
