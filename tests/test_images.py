@@ -256,3 +256,13 @@ def test_read_image_with_a_size_is_reading_then_resizing(tmp_path, mode):
         assert torch.equal(got, resize_image(read_image(path), size))
         if mode == "L":
             assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
+def test_read_image_hw_reads_the_header_and_names_a_bad_file(tmp_path):
+    from omniad.data.images import read_image_hw
+
+    Image.fromarray(np.zeros((21, 34, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert read_image_hw(tmp_path / "a.png") == (21, 34) == tuple(read_image(tmp_path / "a.png").shape[-2:])
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match="b.png: cannot read the image's size"):
+        read_image_hw(tmp_path / "b.png")

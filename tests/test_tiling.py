@@ -67,6 +67,35 @@ def test_tiles_are_the_image_crops_and_the_dataset_lists_every_tile():
     assert torch.equal(tiles[len(tiles) - 1], small[-1])
 
 
+def test_tiles_of_files_are_counted_from_headers_and_each_file_is_decoded_once_per_pass(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import omniad.data.mvtec as mvtec
+    from omniad.data import MVTecDataset
+    from omniad.data.sources import as_image_dataset
+
+    good = tmp_path / "part" / "train" / "good"
+    good.mkdir(parents=True)
+    (tmp_path / "part" / "test" / "good").mkdir(parents=True)
+    sizes = [(40, 70), (20, 30), (64, 33)]  # (height, width)
+    for k, (h, w) in enumerate(sizes):
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(good / f"{k}.png")
+        Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "part" / "test" / "good" / f"{k}.png")
+    decoded = []
+    real_read = mvtec.read_image
+    monkeypatch.setattr(mvtec, "read_image", lambda path: decoded.append(path) or real_read(path))
+    images = as_image_dataset(MVTecDataset(tmp_path, split="train", image_size=None))
+    assert [images.image_hw(i) for i in range(3)] == sizes
+    tiles = TileDataset(images, tile=32, stride=16)
+    assert decoded == []  # the tile counts came from the headers
+    assert len(tiles) == sum(len(tile_boxes(*tiling_size(h, w, 32), 32, 16)) for h, w in sizes)
+    first = [tiles[k] for k in range(len(tiles))]
+    assert len(decoded) == 3  # one sequential pass decodes each file once
+    assert torch.equal(first[0], real_read(good / "0.png")[:, :32, :32])
+    # a resizing dataset cannot tell sizes from headers: the images are read
+    assert as_image_dataset(MVTecDataset(tmp_path, split="train", image_size=48)).image_hw(0) is None
+
+
 def test_a_small_image_is_scored_up_sampled_and_its_map_comes_at_its_own_size():
     det = create_detector("padim", image_size=32, tile_size=32, tile_stride=16, **COMMON).fit(_textures(4, 40, 60))
     image = _textures(1, 20, 30, seed=7)

@@ -80,7 +80,8 @@ class Stitcher:
 
 class TileDataset(Dataset):
     """Every tile of every image of a dataset of (3, H, W) tensors, each a training image of its own (tiles of
-    images of any size; the tile count of each image is read once, when the dataset is built).
+    images of any size; each image's tile count is found when the dataset is built: from the file's header where
+    the dataset tells sizes (``image_hw``), else by reading the image).
 
     Images are read in order, and the last one read is kept, so a sequential pass reads each image once. Images
     smaller than a tile are up-sampled first (``tiling_size``)."""
@@ -88,8 +89,12 @@ class TileDataset(Dataset):
     def __init__(self, images: Dataset, tile: int, stride: int) -> None:
         self.images, self.tile, self.stride = images, tile, stride
         self.index: list[tuple[int, int, int]] = []  # (image, y, x)
+        size_of = getattr(images, "image_hw", None)
         for i in range(len(images)):
-            height, width = tiling_size(*(int(n) for n in images[i].shape[-2:]), tile)
+            hw = size_of(i) if size_of is not None else None
+            if hw is None:
+                hw = tuple(int(n) for n in images[i].shape[-2:])
+            height, width = tiling_size(*hw, tile)
             self.index += [(i, y, x) for y, x in tile_boxes(height, width, tile, stride)]
         self._last: tuple[int, Tensor] | None = None
 

@@ -162,6 +162,19 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> Tensor:
     return _rgb_tensor(_to_unit_array(_open(path), path), size)
 
 
+def read_image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels (what a tile count needs;
+    a file whose pixels are broken is still refused, by name, when ``read_image`` reads it)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{path}: image too large ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"{path}: cannot read the image's size ({err})") from err
+    return int(height), int(width)
+
+
 def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None) -> Tensor:
     """``read_image`` of a file's content already in memory (an upload): the same decoding, checks and scaling.
 

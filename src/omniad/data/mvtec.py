@@ -24,7 +24,15 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from omniad.data.images import IMAGE_EXTENSIONS, Size, read_image, read_mask, resize_image, resize_mask
+from omniad.data.images import (
+    IMAGE_EXTENSIONS,
+    Size,
+    read_image,
+    read_image_hw,
+    read_mask,
+    resize_image,
+    resize_mask,
+)
 from omniad.types import Sample
 
 NORMAL_FOLDERS = ("good", "ok")  # "ok": BTAD
@@ -252,6 +260,11 @@ class MVTecDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def image_hw(self, index: int) -> tuple[int, int] | None:
+        """(height, width) of sample ``index`` as read, from the file's header (no decoding); None when the
+        dataset resizes (the size then follows ``image_size``)."""
+        return read_image_hw(self.samples[index].path) if self.image_size is None else None
 
     def __getitem__(self, index: int) -> Sample:
         record = self.samples[index]

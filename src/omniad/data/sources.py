@@ -26,6 +26,12 @@ class ImagesOnly(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def image_hw(self, index: int) -> tuple[int, int] | None:
+        """(height, width) of image ``index`` without decoding it, where the source can tell (a dataset with
+        ``image_hw``, e.g. ``MVTecDataset`` at the files' size); else None."""
+        hw = getattr(self.data, "image_hw", None)
+        return hw(index) if hw is not None and self.image_size is None else None
+
     def __getitem__(self, index: int) -> Tensor:
         item = self.data[index]
         image = item.image if isinstance(item, Sample) else item
