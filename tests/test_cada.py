@@ -386,3 +386,11 @@ def test_class_aware_b_predicts_the_type(two_types):
     torch.testing.assert_close(variant.score(test).image_scores, a.score(test, test_types).image_scores)
     with pytest.raises(ValueError, match="predicts the type"):
         variant.score(test, test_types)
+
+
+@pytest.mark.parametrize("geometry", [{"tile_size": 32}, {"image_size": (64, 96)}])
+@pytest.mark.parametrize("variant", [ClassAwareA, ClassAwareB])
+def test_class_aware_variants_refuse_tiling_and_pair_sizes_by_name(variant, geometry):
+    with pytest.raises(ValueError, match="scores whole square images only"):
+        variant(base="padim", **geometry).fit(torch.rand(4, 3, 64, 64), ["a", "a", "b", "b"])
+    assert CADA(base="padim", **geometry).resolved_params()  # CADA itself takes both

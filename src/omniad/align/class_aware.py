@@ -44,6 +44,9 @@ class _ClassAwareAlignment(CADA):
     """
 
     name = "class_aware"
+    # type labels come per image, and fit/score read whole images at the square image_size: refused, by the base's
+    # parameter check, are tiling and an (height, width) image_size, which CADA itself supports
+    supports_input_modes = False
 
     # ----------------------------------------------------------------- fitting
     def fit(self, data: Any, categories: Sequence[str]) -> _ClassAwareAlignment:
