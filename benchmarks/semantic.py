@@ -10,7 +10,9 @@ Settings, every method under the same protocol (``omniad.data.novelty``), image-
     mean; the four 5-vs-5 multi-class splits; leave-one-out (each class held out in turn) and the mean;
   * COCO128 (../shared/data/multi-object/coco128): multi-object, normal = images containing a person; half of the
     normal images (seeded) are held out for the test with every image without a person.
-CPU setting (explicit options): images resized to ``--image-size`` (default 64), seeded caps of
+CPU setting (explicit options): Fashion-MNIST's 28 x 28 images resized to ``--image-size`` (default 64), COCO's
+photographs (about 640 x 480) to ``--coco-image-size`` (default 224, the paper's and the teacher's training size;
+at 64 px a person is a few pixels), seeded caps of
 ``--max-train-per-class`` / ``--max-test-per-class`` images per class (default 100 / 50: the same 500 test
 images in every Fashion-MNIST run), the backbone's offline EfficientNet-Lite ImageNet weights (no ViT weights
 here; the paper's teacher is a ViT-B/16), no threshold calibration (every training image is trained on).
@@ -108,7 +110,7 @@ def build_jobs(args: argparse.Namespace, settings: list[str]) -> list[tuple[str,
             jobs += [("leave-one-out", c, build_protocol("leave-one-out", train, test, held_out=c, **caps))
                      for c in classes]
     if "multi-object" in settings:
-        coco = read_coco(args.coco, image_size=args.image_size)
+        coco = read_coco(args.coco, image_size=args.coco_image_size)
         jobs.append(("multi-object", "person", multi_object(coco, "person", seed=args.seed)))
     return jobs
 
@@ -119,6 +121,11 @@ _WORKER_JOBS: list = []
 def _init_worker(args: argparse.Namespace, settings: list[str]) -> None:
     torch.set_num_threads(args.threads)
     _WORKER_JOBS[:] = build_jobs(args, settings)
+
+
+def image_size_of(setting: str, args: argparse.Namespace) -> int:
+    """The side every method gets in ``setting``: COCO's photographs have their own."""
+    return args.coco_image_size if setting == "multi-object" else args.image_size
 
 
 def _run_task(job: int, name: str, params: dict) -> dict:
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="uni-class,multi-class,leave-one-out,multi-object")
     parser.add_argument("--fashion", default=str(SHARED / "semantic" / "fashion-mnist"))
     parser.add_argument("--coco", default=str(SHARED / "multi-object" / "coco128"))
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64, help="Fashion-MNIST's side in pixels (default 64)")
+    parser.add_argument("--coco-image-size", type=int, default=224, help="COCO128's side in pixels (default 224)")
     parser.add_argument("--max-train-per-class", type=int, default=100)
     parser.add_argument("--max-test-per-class", type=int, default=50)
     parser.add_argument("--weights", default="offline")
@@ -155,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault(method, {})[name] = value
     specs = method_specs(args.methods, overrides)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    common = dict(weights=args.weights, image_size=args.image_size, seed=args.seed, progress=False,
-                  calibration_fraction=0.0)
+    common = dict(weights=args.weights, seed=args.seed, progress=False, calibration_fraction=0.0)
     started_all, load_start = time.perf_counter(), os.getloadavg()
 
     jobs = build_jobs(args, settings)
@@ -173,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.processes, mp_context=context, initializer=_init_worker,
                                  initargs=(args, settings)) as pool:
-            futures = {pool.submit(_run_task, j, specs[label][0], {**specs[label][1], **common}): (j, label)
-                       for j, label in tasks}
+            futures = {pool.submit(_run_task, j, specs[label][0],
+                                   {**specs[label][1], **common, "image_size": image_size_of(jobs[j][0], args)}):
+                       (j, label) for j, label in tasks}
             for future in as_completed(futures):
                 record(futures[future], future.result())
     else:
         for j, label in tasks:
             name, params = specs[label]
-            record((j, label), run_one(name, {**params, **common}, jobs[j][2]))
+            record((j, label), run_one(name, {**params, **common, "image_size": image_size_of(jobs[j][0], args)},
+                                       jobs[j][2]))
     results = {(*jobs[j][:2], label): done[j, label] for j, label in tasks}  # in table order
     total = time.perf_counter() - started_all
 
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(2-core CPU), torch {torch.__version__}. Total wall time {total / 60:.1f} min; load average (1, 5, 15 min) "
         f"{'/'.join(f'{x:.1f}' for x in load_start)} at the start, "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.  ",
-        f"CPU setting: {args.image_size} px (the 28 x 28 images upscaled), at most {args.max_train_per_class} "
+        f"CPU setting: Fashion-MNIST at {args.image_size} px (the 28 x 28 images upscaled), COCO128 at "
+        f"{args.coco_image_size} px; at most {args.max_train_per_class} "
         f"training and {args.max_test_per_class} test images per class (seeded, seed {args.seed}; Fashion-MNIST "
         "test set: the same images in every run), backbone "
         f"{next(iter(results.values()))['backbone'] if results else '?'} with offline EfficientNet-Lite ImageNet "
