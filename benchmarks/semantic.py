@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [(j, label) for j in range(len(jobs)) for label in specs]  # every (protocol, method) run
     done: dict[tuple[int, str], dict] = {}
 
+    def params_of(job: int, label: str) -> dict:
+        return {**specs[label][1], **common, "image_size": image_size_of(jobs[job][0], args)}
+
     def record(task: tuple[int, str], result: dict) -> None:
         done[task] = result
         setting, row, _ = jobs[task[0]]
@@ -180,16 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.processes, mp_context=context, initializer=_init_worker,
                                  initargs=(args, settings)) as pool:
-            futures = {pool.submit(_run_task, j, specs[label][0],
-                                   {**specs[label][1], **common, "image_size": image_size_of(jobs[j][0], args)}):
-                       (j, label) for j, label in tasks}
+            futures = {pool.submit(_run_task, j, specs[label][0], params_of(j, label)): (j, label)
+                       for j, label in tasks}
             for future in as_completed(futures):
                 record(futures[future], future.result())
     else:
         for j, label in tasks:
-            name, params = specs[label]
-            record((j, label), run_one(name, {**params, **common, "image_size": image_size_of(jobs[j][0], args)},
-                                       jobs[j][2]))
+            record((j, label), run_one(specs[label][0], params_of(j, label), jobs[j][2]))
     results = {(*jobs[j][:2], label): done[j, label] for j, label in tasks}  # in table order
     total = time.perf_counter() - started_all
 
