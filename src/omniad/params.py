@@ -28,9 +28,10 @@ class Interval:
     integer: bool = False
     allow_none: bool = False
 
-    def check(self, name: str, value: Any) -> None:
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` as its one type (int for whole-number intervals: 3.0 -> 3; else float), or ValueError."""
         if value is None and self.allow_none:
-            return
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         if self.integer and (isinstance(value, float) and not value.is_integer()):
@@ -41,11 +42,6 @@ class Interval:
         high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if not (low_ok and high_ok):
             raise ValueError(f"{name} must be in {self.describe()}, got {value!r}")
-
-    def normalize(self, value: Any) -> Any:
-        """A checked value as its one type: int for whole-number intervals (3.0 -> 3), else float."""
-        if value is None:
-            return None
         return int(value) if self.integer else float(value)
 
     def describe(self) -> str:
@@ -62,11 +58,9 @@ class Options:
 
     values: tuple[Any, ...]
 
-    def check(self, name: str, value: Any) -> None:
+    def check(self, name: str, value: Any) -> Any:
         if value not in self.values:
             raise ValueError(f"{name} must be one of {', '.join(repr(v) for v in self.values)}; got {value!r}")
-
-    def normalize(self, value: Any) -> Any:
         return value
 
 
@@ -78,23 +72,17 @@ class Each:
     length: int | None = None
     allow_none: bool = False
 
-    def check(self, name: str, value: Any) -> None:
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` as a tuple of checked items (lists from JSON or YAML compare equal to tuples)."""
         if value is None and self.allow_none:
-            return
+            return None
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
             raise ValueError(f"{name} must be a sequence, got {value!r}")
         if self.length is not None and len(value) != self.length:
             raise ValueError(f"{name} must have {self.length} items, got {len(value)}")
         if len(value) == 0:
             raise ValueError(f"{name} must not be empty")
-        for i, v in enumerate(value):
-            self.item.check(f"{name}[{i}]", v)
-
-    def normalize(self, value: Any) -> Any:
-        """A checked sequence as a tuple of normalised items (lists from JSON or YAML compare equal to tuples)."""
-        if value is None:
-            return None
-        return tuple(self.item.normalize(v) for v in value)
+        return tuple(self.item.check(f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -104,21 +92,14 @@ class Either:
     first: Interval | Options | Each
     second: Interval | Options | Each
 
-    def check(self, name: str, value: Any) -> None:
+    def check(self, name: str, value: Any) -> Any:
         try:
-            self.first.check(name, value)
+            return self.first.check(name, value)
         except ValueError as first_error:
             try:
-                self.second.check(name, value)
+                return self.second.check(name, value)
             except ValueError as second_error:
                 raise ValueError(f"{first_error}; or {second_error}") from None
-
-    def normalize(self, value: Any) -> Any:
-        try:
-            self.first.check("", value)
-        except ValueError:
-            return self.second.normalize(value)
-        return self.first.normalize(value)
 
 
 POSITIVE_INT = Interval(1, None, integer=True)
@@ -155,10 +136,9 @@ def check_params(
         if name not in values or (skip_none and values[name] is None):
             continue
         try:
-            constraint.check(name, values[name])
+            out[name] = constraint.check(name, values[name])
         except ValueError as err:
             raise ValueError(f"{owner}: {err}") from None
-        out[name] = constraint.normalize(values[name])
     return out
 
 
