@@ -51,7 +51,8 @@ BASE_SETTINGS: dict[str, dict[str, Any]] = {
     "revdist": {"preset": "cpu", "iterations": 150},
     "recontrast": {"preset": "cpu", "iterations": 60},
     "uniad": {"preset": "cpu", "image_pooling": "top1"},
-    "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000, "max_bank_size": 3000, "image_pooling": "top1"},
+    "patchcore": {"coreset_ratio": 0.01, "coreset": "greedy", "coreset_candidates": 100_000, "max_bank_size": 3000,
+                  "image_pooling": "top1"},
     "padim": {"image_pooling": "top1"},
 }
 VARIANTS = ["base", "CADA", "CADA (u,σ)", "class-aware A", "class-aware B"]

@@ -43,7 +43,7 @@ from omniad.types import AnomalyScores
 # CPU settings of each method in this benchmark (the detectors' defaults stay the papers').
 CPU_SETTINGS: dict[str, dict] = {
     "pmad": {"preset": "cpu"},
-    "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000},
+    "patchcore": {"coreset_ratio": 0.01, "coreset": "greedy", "coreset_candidates": 100_000},
     "uniad": {"preset": "cpu"},
 }
 REAL_SPLITS = ("magnetic_tile->kolektor", "kolektor->magnetic_tile")

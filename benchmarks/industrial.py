@@ -28,7 +28,7 @@ from omniad.metrics import evaluate
 
 # The CPU-friendly settings these runs use, stated in every report (the detectors' defaults stay the papers').
 CPU_SETTINGS = {
-    "patchcore": {"coreset_ratio": 0.01, "coreset_candidates": 100_000},
+    "patchcore": {"coreset_ratio": 0.01, "coreset": "greedy", "coreset_candidates": 100_000},
     "padim": {},
     "uniad": {"preset": "cpu"},
     "revdist": {"preset": "cpu"},

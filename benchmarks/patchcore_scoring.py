@@ -39,6 +39,7 @@ def run_type(category: str, args: argparse.Namespace) -> dict:
     test = MVTecDataset(args.data, categories=[category], split="test", image_size=args.image_size)
     detector = create_detector(
         "patchcore", weights=args.weights, image_size=args.image_size, coreset_ratio=args.coreset_ratio,
+        coreset="greedy" if args.coreset_candidates else "chunked",
         coreset_candidates=args.coreset_candidates, calibration_fraction=0.0, progress=True, seed=args.seed,
     )
     started = time.perf_counter()

@@ -7,7 +7,7 @@ not lose it.
 
     python benchmarks/tiling_pooling.py padim
     python benchmarks/tiling_pooling.py patchcore \\
-        '{"coreset_ratio": 0.01, "max_bank_size": 4000, "coreset_candidates": 200000}'
+        '{"coreset_ratio": 0.01, "max_bank_size": 4000, "coreset": "greedy", "coreset_candidates": 200000}'
 
 One unified model for both types of ../shared/data/industrial, 100 training images per type (the seeded subsample
 of benchmarks/tiling.py), every test image; prints one JSON line per setting and writes

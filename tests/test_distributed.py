@@ -1,6 +1,6 @@
 """Two processes (gloo on the CPU, as torchrun starts them) give the same model as one: PaDiM's statistics summed
-over ranks, PatchCore's bank gathered before the coreset, a trained method's gradients averaged by DDP; only rank
-0 writes the model."""
+over ranks, PatchCore's paper coreset searched by both ranks together, a trained method's gradients averaged by
+DDP; PatchCore's chunked coreset joins each rank's chunks; only rank 0 writes the model."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ COMMON = dict(weights="random", image_size=SIZE, batch_size=4, device="cpu", pro
               calibration_fraction=0.0)
 CASES = {
     "padim": dict(stages=(1, 2), n_features=12),
-    "patchcore": dict(stages=(1, 2), coreset_ratio=0.2, projection_dim=16),
+    # the paper's greedy search shared by the ranks (one all_gather per centre), with and without candidates
+    "patchcore": dict(stages=(1, 2), coreset_ratio=0.2, projection_dim=16, coreset="greedy"),
+    "patchcore-candidates": dict(stages=(1, 2), coreset_ratio=0.2, projection_dim=16, coreset="greedy",
+                                 coreset_candidates=500),
+    # the default: each rank reduces its own chunks
+    "patchcore-chunked": dict(stages=(1, 2), coreset_ratio=0.2, projection_dim=16, coreset_chunk_size=100),
     # no dropout and no jitter: the only difference between 1 and 2 processes is how the batch is shared
     "uniad": dict(preset="cpu", hidden_dim=16, num_encoder_layers=1, num_decoder_layers=1, num_heads=2,
                   dim_feedforward=32, feature_stride=8, neighbor_size=1, epochs=6, train_batch_size=4, lr=1e-2,
@@ -28,6 +33,10 @@ CASES = {
                 train_batch_size=4, masking="random", defend=True, defend_epochs=2, defend_lr=1e-3, head_hidden=16,
                 head_dim=8),
 }
+
+
+def _method(case: str) -> str:
+    return case.split("-")[0]
 
 
 def _images() -> torch.Tensor:
@@ -45,7 +54,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for name, params in CASES.items():
-            detector = create_detector(name, **COMMON, **params).fit(_images())
+            detector = create_detector(_method(name), **COMMON, **params).fit(_images())
             detector.save(f"{folder}/{name}-rank{rank}")  # only rank 0 writes
             if name == "uniad":
                 torch.save(detector.loss_history_, f"{folder}/uniad-history-rank{rank}.pt")
@@ -66,9 +75,9 @@ def test_only_rank_zero_writes(two_process_run):
         assert not (two_process_run / f"{name}-rank1").exists()
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [case for case in CASES if case != "patchcore-chunked"])
 def test_two_processes_give_the_model_of_one(two_process_run, name):
-    one = create_detector(name, **COMMON, **CASES[name]).fit(_images())
+    one = create_detector(_method(name), **COMMON, **CASES[name]).fit(_images())
     two = load_detector(two_process_run / f"{name}-rank0")
     mine, theirs = one.state_tensors(), two.state_tensors()
     assert set(mine) == set(theirs)
@@ -81,6 +90,17 @@ def test_two_processes_give_the_model_of_one(two_process_run, name):
     test = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(two.score(test).image_scores, one.score(test).image_scores, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(two.score(test).anomaly_maps, one.score(test).anomaly_maps, rtol=1e-3, atol=1e-4)
+
+
+def test_two_processes_join_the_chunked_coresets_of_their_shards(two_process_run):
+    """Each rank streams its strided shard (images 0, 2, ... and 1, 3, ...) through its own chunks: the bank is
+    rank 0's chunk coresets, then rank 1's, each what one process makes of that shard alone."""
+    two = load_detector(two_process_run / "patchcore-chunked-rank0").net_.memory_bank
+    images = _images()
+    shards = [create_detector("patchcore", **COMMON, **CASES["patchcore-chunked"]).fit(images[r::2]).net_.memory_bank
+              for r in (0, 1)]
+    assert sum(s.shape[0] for s in shards) == two.shape[0] == round(0.2 * 12 * 64)  # 12 images x 8 x 8 patches
+    torch.testing.assert_close(two, torch.cat(shards), rtol=1e-5, atol=1e-6)
 
 
 def test_the_trained_method_learns_the_same_way(two_process_run):

@@ -104,7 +104,8 @@ def test_bank_size_follows_ratio_cap_and_candidates(normals):
     assert det.net_.memory_bank.shape[0] == round(0.25 * n_patches)
     det = create_detector("patchcore", coreset_ratio=0.25, max_bank_size=10, **COMMON).fit(normals)
     assert det.net_.memory_bank.shape[0] == 10
-    det = create_detector("patchcore", coreset_ratio=0.5, coreset_candidates=40, **COMMON).fit(normals)
+    det = create_detector("patchcore", coreset_ratio=0.5, coreset="greedy", coreset_candidates=40,
+                          **COMMON).fit(normals)
     assert det.net_.memory_bank.shape[0] == 40  # cannot keep more than the candidates searched
     assert det.net_.memory_bank.shape[1] == sum(det.backbone_.channels)
 

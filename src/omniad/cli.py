@@ -201,7 +201,8 @@ def _fit(args: argparse.Namespace, names: list[str]):
         print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
               f"(unified: no category labels)", file=sys.stderr)
     detector.fit(train)
-    print(f"fitted in {detector.fit_seconds_:.1f} s; {_calibration_line(detector)}", file=sys.stderr)
+    print(f"fitted in {detector.fit_seconds_:.1f} s, peak memory {detector.fit_peak_memory_mb_:.0f} MB; "
+          f"{_calibration_line(detector)}", file=sys.stderr)
     return detector
 
 

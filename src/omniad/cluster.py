@@ -6,8 +6,6 @@ scikit-learn's ``MiniBatchKMeans`` 35 s and ``KMeans`` 94 s, hence a torch imple
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -133,31 +131,4 @@ def kmeans(points: Tensor, k: int, iterations: int = 30, seed: int = 0, tol: flo
     return centres
 
 
-
-def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, seed: int = 0) -> Tensor:
-    """Indices of a greedy k-center coreset (Sener & Savarese), searched on a random projection of the features
-    as PatchCore does, which keeps each iteration to one pass over ``N x projection_dim`` numbers."""
-    n, dim = features.shape
-    n_select = max(1, min(n_select, n))
-    generator = torch.Generator().manual_seed(seed)
-    if projection_dim and projection_dim < dim:
-        matrix = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
-        projected = features.float() @ matrix.to(features.device)
-    else:
-        projected = features.float()
-    sq_norms = (projected * projected).sum(1)
-    selected = torch.empty(n_select, dtype=torch.long)
-    current = int(torch.randint(n, (1,), generator=generator))
-    min_d2 = torch.full((n,), float("inf"), device=projected.device)
-    d2 = torch.empty_like(min_d2)
-    for i in range(n_select):
-        selected[i] = current
-        # |x - c|^2 - |c|^2 = |x|^2 - 2 x.c in one fused pass over the data (memory-bound on a CPU)
-        torch.addmv(sq_norms, projected, projected[current], alpha=-2, out=d2)
-        d2 += sq_norms[current]
-        torch.minimum(min_d2, d2, out=min_d2)
-        current = int(min_d2.argmax())
-    return selected
-
-
-__all__ = ["NearestSearch", "faiss_available", "greedy_coreset", "kmeans", "kmeans_plusplus", "nearest_centres"]
+__all__ = ["NearestSearch", "faiss_available", "kmeans", "kmeans_plusplus", "nearest_centres"]

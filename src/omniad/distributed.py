@@ -1,10 +1,11 @@
 """Several processes with torch.distributed (``torchrun --nproc-per-node N -m omniad fit ...``).
 
 What the lifecycle does with them: ``BaseDetector.extract`` gives each rank a strided shard of the images and
-gathers the features back in order, so every rank holds the same cache (PatchCore's bank is then gathered before
-its coreset); PaDiM sums its statistics over ranks; ``training.train`` wraps the net in DistributedDataParallel
-and gives each rank its share of every batch; only rank 0 writes files. NCCL on GPUs, gloo on CPUs. Without an
-initialised process group every function here is the one-process identity.
+gathers the features back in order, so every rank holds the same cache. Methods that stream (``cache_features =
+False``) see their shard only: PaDiM sums its statistics over ranks; PatchCore's ranks search their own chunks
+and gather the banks, or share the paper's one greedy search. ``training.train`` wraps the net in
+DistributedDataParallel and gives each rank its share of every batch; only rank 0 writes files. NCCL on GPUs, gloo
+on CPUs. Without an initialised process group every function here is the one-process identity.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def gather_shards(local: Tensor, n: int) -> Tensor:
     return out
 
 
+def gather_rows(local: Tensor) -> Tensor:
+    """Every rank's (n_r, ...) rows joined in rank order (ranks may hold different numbers of rows)."""
+    rank, size = world()
+    if size == 1:
+        return local
+    device = _comm_device()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
+    counts = [int(c) for c in counts]
+    padded = local.new_zeros((max(counts), *local.shape[1:]), device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]).to(local.device)
+
+
 def sum_over_ranks(value: Tensor) -> Tensor:
     """The element-wise sum of ``value`` over every rank (a copy; ``value`` itself is unchanged)."""
     if world()[1] == 1:
@@ -91,4 +108,5 @@ def mean_over_ranks(value: float) -> float:
     return float(sum_over_ranks(torch.tensor([value], dtype=torch.float64))[0]) / size
 
 
-__all__ = ["gather_shards", "init_from_env", "is_main", "mean_over_ranks", "shard", "sum_over_ranks", "world"]
+__all__ = ["gather_rows", "gather_shards", "init_from_env", "is_main", "mean_over_ranks", "shard", "sum_over_ranks",
+           "world"]

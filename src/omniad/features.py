@@ -81,6 +81,36 @@ def feature_to(features: Features, device: torch.device | str, dtype: torch.dtyp
     return move(features) if isinstance(features, Tensor) else [move(f) for f in features]
 
 
+class FeatureCache:
+    """The features of ``n`` images, written batch by batch into storage allocated once from the first batch's
+    shapes (``omniad.memory.allocate``: in memory within the budget, memory-mapped on disk above it), so a
+    cache never needs twice its size as joining per-batch parts would."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.filled, self.storage = n, 0, None
+
+    def write(self, part: Features) -> None:
+        from omniad.memory import allocate
+
+        tensors = [part] if isinstance(part, Tensor) else list(part)
+        if self.storage is None:
+            self.storage = [allocate((self.n, *t.shape[1:]), t.dtype) for t in tensors]
+            self.single = isinstance(part, Tensor)
+        rows = tensors[0].shape[0]
+        if self.filled + rows > self.n:
+            raise ValueError(f"feature cache of {self.n} images got {self.filled + rows}")
+        for store, t in zip(self.storage, tensors, strict=True):
+            store[self.filled : self.filled + rows] = t
+        self.filled += rows
+
+    def result(self) -> Features:
+        """The cache: one tensor, or a list of tensors, with the images written so far."""
+        if self.storage is None:
+            raise ValueError("the feature cache holds no images")
+        parts = [store[: self.filled] for store in self.storage]
+        return parts[0] if self.single else parts
+
+
 def feature_cat(parts: list[Features]) -> Features:
     """Join per-batch features along the image dimension."""
     if isinstance(parts[0], Tensor):

@@ -30,7 +30,8 @@ from omniad.calibration import Calibration
 from omniad.data.images import KeepAspect, check_image_batch, letterbox, resize_image
 from omniad.data.sources import as_image_dataset, iterate_batches, split_holdout
 from omniad.distributed import gather_shards, is_main, shard, world
-from omniad.features import Features, feature_cat, feature_count, feature_slice, feature_to
+from omniad.features import FeatureCache, Features, feature_count, feature_slice, feature_to
+from omniad.memory import PeakMemory
 from omniad.params import (
     FRACTION,
     NON_NEGATIVE,
@@ -299,19 +300,21 @@ class BaseDetector:
             self, fitted.
         """
         started = time.perf_counter()
-        seed_everything(self.seed)
-        self.fitted_ = False
-        self.calibration_ = None
-        self.prepare()
-        images = as_image_dataset(data, self.read_size)
-        if len(images) == 0:
-            raise ValueError("fit needs at least one training image; the data given is empty")
-        train, holdout = split_holdout(images, self.calibration_fraction, self.seed)
-        self.fit_features(self.extract(train))
-        if holdout is not None:
-            share = f"{self.calibration_fraction:g} of the {len(images)} training images"
-            self.calibrate(holdout, source=f"held out from training: {share}, never trained on")
+        with PeakMemory() as peak:
+            seed_everything(self.seed)
+            self.fitted_ = False
+            self.calibration_ = None
+            self.prepare()
+            images = as_image_dataset(data, self.read_size)
+            if len(images) == 0:
+                raise ValueError("fit needs at least one training image; the data given is empty")
+            train, holdout = split_holdout(images, self.calibration_fraction, self.seed)
+            self.fit_features(self.extract(train))
+            if holdout is not None:
+                share = f"{self.calibration_fraction:g} of the {len(images)} training images"
+                self.calibrate(holdout, source=f"held out from training: {share}, never trained on")
         self.fit_seconds_ = time.perf_counter() - started  # whole fit, calibration included (for reports)
+        self.fit_peak_memory_mb_ = peak.bytes / 2**20  # the process's peak resident memory during the fit
         return self
 
     def extract(self, data: Any) -> Features | FeatureStream:
@@ -328,12 +331,11 @@ class BaseDetector:
         local = images if world()[1] == 1 else Subset(images, shard(len(images)))
         if not self.cache_features:
             return FeatureStream(self, local, "backbone features")
+        writer = FeatureCache(len(local))  # above the memory budget the cache is memory-mapped on disk
         with torch.no_grad():
-            parts = [
-                feature_to(self.features(batch.to(self.device_)), "cpu", torch.float32)
-                for batch in iterate_batches(local, self.batch_size, self.progress and is_main(), "backbone features")
-            ]
-        cache = feature_cat(parts)
+            for batch in iterate_batches(local, self.batch_size, self.progress and is_main(), "backbone features"):
+                writer.write(feature_to(self.features(batch.to(self.device_)), "cpu", torch.float32))
+        cache = writer.result()
         if world()[1] == 1:
             return cache
         if isinstance(cache, Tensor):  # every rank gets the whole cache, in the original order

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
-from omniad.cluster import NearestSearch, greedy_coreset
+from omniad.cluster import NearestSearch
+from omniad.coreset import ShardedGreedy, StreamingCoreset, greedy_coreset
+from omniad.distributed import gather_rows, is_main, sum_over_ranks, world
 from omniad.features import fuse_stages
+from omniad.memory import allocate
 from omniad.methods.base import BaseDetector, RawScores
 from omniad.params import POSITIVE_INT, Each, Interval, Options
 from omniad.postprocess import POOLINGS
@@ -110,6 +113,27 @@ class PatchCoreNet(nn.Module):
         return self.distances(self.embed(images))
 
 
+def _patches(emb: Tensor) -> Tensor:
+    """(B, C, h, w) patch features -> (B x h x w, C) rows, image by image, row by row, float32 on the CPU."""
+    return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().cpu()
+
+
+def _feature_batches(features: Any, batch_size: int) -> Any:
+    """Batches of (B, C, h, w) features: a ``FeatureStream`` as it streams, a cached tensor in slices."""
+    if isinstance(features, Tensor):
+        return features.split(batch_size)
+    return features
+
+
+def _image_count(features: Any) -> int:
+    return int(features.shape[0]) if isinstance(features, Tensor) else len(features)
+
+
+def _chain(first: Tensor, rest: Any) -> Any:
+    yield first
+    yield from rest
+
+
 @register_detector("patchcore")
 class PatchCore(BaseDetector):
     """PatchCore, fitted unified on every product type at once.
@@ -120,9 +144,16 @@ class PatchCore(BaseDetector):
         patch_size: neighbourhood of the local average aggregation.
         coreset_ratio: share of all training patches kept in the memory bank, in (0, 1] (paper: 0.01-0.25;
             0.1 here).
+        coreset: how the bank is searched (``omniad.coreset``). "chunked" (default): the patches stream in the
+            training set's order, cut into chunks of ``coreset_chunk_size``; each chunk is reduced to
+            ``coreset_ratio`` of itself by greedy k-center and the chunks' coresets are joined: time linear in
+            the images, memory of one chunk plus the bank, and a set within one chunk gets exactly the paper's
+            coreset. "greedy": the paper's one search over every patch (time ratio x N^2, every projected patch
+            in memory); with several processes it is shared between them and gives the one-process coreset.
+        coreset_chunk_size: patches per chunk of the "chunked" search (64 images of 32 x 32 patches).
         max_bank_size: optional cap on the bank size (a CPU-friendly setting; None = no cap).
-        coreset_candidates: optional cap on the patches the greedy search runs over, drawn at random first
-            (a CPU-friendly setting: each greedy step is one pass over the candidates; None = all patches).
+        coreset_candidates: optional cap on the patches the paper's "greedy" search runs over, drawn at random
+            first (a CPU-friendly setting: each greedy step is one pass over the candidates; None = all patches).
         projection_dim: dimension of the random projection the greedy coreset search runs on.
         neighbours: bank entries the "reweighted" image score compares the worst patch with (paper: b = 9).
         **common: see ``BaseDetector``; ``image_pooling`` may also be "reweighted", the paper's image score
@@ -131,6 +162,7 @@ class PatchCore(BaseDetector):
     """
 
     test_params: dict[str, Any] = {}
+    cache_features = False  # the bank search takes the patches batch by batch (omniad.coreset)
     # the paper's image score (Eq. 7). Measured on the two real types (benchmarks/results/patchcore-scoring.md):
     # it ranks as the maximum of the smoothed map did (77.2 / 92.9 image AUROC), and "top1" ranks best (84.0 / 95.2)
     defaults = {"sigma": 4.0, "image_pooling": "reweighted"}
@@ -138,6 +170,8 @@ class PatchCore(BaseDetector):
         "stages": Each(Interval(0, None, integer=True)),
         "patch_size": POSITIVE_INT,
         "coreset_ratio": Interval(0.0, 1.0, low_open=True),
+        "coreset": Options(("chunked", "greedy")),
+        "coreset_chunk_size": Interval(1, None, integer=True),
         "max_bank_size": Interval(1, None, integer=True, allow_none=True),
         "coreset_candidates": Interval(1, None, integer=True, allow_none=True),
         "projection_dim": Interval(0, None, integer=True),
@@ -151,6 +185,8 @@ class PatchCore(BaseDetector):
         stages: tuple[int, ...] = (2, 3),
         patch_size: int = 3,
         coreset_ratio: float = 0.1,
+        coreset: str = "chunked",
+        coreset_chunk_size: int = 65536,
         max_bank_size: int | None = None,
         coreset_candidates: int | None = None,
         projection_dim: int = 128,
@@ -161,34 +197,92 @@ class PatchCore(BaseDetector):
         self.stages = stages
         self.patch_size = patch_size
         self.coreset_ratio = coreset_ratio
+        self.coreset = coreset
+        self.coreset_chunk_size = coreset_chunk_size
         self.max_bank_size = max_bank_size
         self.coreset_candidates = coreset_candidates
         self.projection_dim = projection_dim
         self.neighbours = neighbours
 
+    def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
+        if values["coreset"] == "chunked" and values["coreset_candidates"]:
+            raise ValueError("patchcore: coreset_candidates subsamples the patches of the paper's search "
+                             "(coreset='greedy'); the chunked search runs over every patch in linear time")
+        return values
+
     def features(self, images: Tensor) -> Tensor:
         """(B, C, h, w) locally aggregated patch features."""
         return aggregate_patches(self.backbone_(images), self.resolved_.patch_size)
 
-    def train_features(self, features: Tensor) -> None:
+    def train_features(self, features: Any) -> None:
+        """Search the bank over the patches of ``features`` (a stream of batches from ``extract``, or cached
+        (N, C, h, w) features); with several processes each rank brings the patches of its own images."""
         r = self.resolved_
-        patches = features.permute(0, 2, 3, 1).flatten(0, 2)
-        n_select = max(1, int(round(r.coreset_ratio * patches.shape[0])))
+        batches = iter(_feature_batches(features, self.batch_size))
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("patchcore: no training features to build the memory bank from")
+        per_image = int(first.shape[2] * first.shape[3])
+        n_images = int(sum_over_ranks(torch.tensor([_image_count(features)]))[0])
+        total = n_images * per_image
+        n_select = max(1, int(round(r.coreset_ratio * total)))
         if r.max_bank_size:
             n_select = min(n_select, r.max_bank_size)
-        if r.coreset_candidates and r.coreset_candidates < patches.shape[0]:
-            keep = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(self.seed))
-            patches = patches[keep[: r.coreset_candidates]]
-        n_select = min(n_select, patches.shape[0])
-        index = greedy_coreset(patches.to(self.device_), n_select, r.projection_dim, self.seed)
-        self.net_ = PatchCoreNet(self.backbone_, n_select, patches.shape[1], r.patch_size).to(self.device_)
-        self.net_.memory_bank.copy_(patches[index.cpu()].to(self.device_))
+        progress = self.progress and is_main()
+        if r.coreset == "chunked":
+            search = StreamingCoreset(n_select / total, r.coreset_chunk_size, r.projection_dim, self.seed,
+                                      total=_image_count(features) * per_image, progress=progress)
+            for emb in _chain(first, batches):
+                search.add(_patches(emb))
+            bank = gather_rows(search.finish())[:n_select]  # several processes: every rank's chunks, in rank order
+        else:
+            bank = self._paper_coreset(_chain(first, batches), _image_count(features), per_image, total, n_select,
+                                       progress)
+        self.net_ = PatchCoreNet(self.backbone_, bank.shape[0], bank.shape[1], r.patch_size).to(self.device_)
+        self.net_.memory_bank.copy_(bank.to(self.device_))
         self.net_.eval()
 
-    def adapt_features(self, features: Tensor) -> None:
+    def _paper_coreset(self, batches: Any, n_local_images: int, per_image: int, total: int, n_select: int,
+                       progress: bool) -> Tensor:
+        """The paper's greedy search over every patch (shared between processes when there are several)."""
+        r = self.resolved_
+        patches, filled = None, 0
+        for emb in batches:
+            rows = _patches(emb)
+            if patches is None:  # above the memory budget the patches spill to a memory-mapped file
+                patches = allocate((n_local_images * per_image, rows.shape[1]))
+            patches[filled : filled + rows.shape[0]] = rows
+            filled += rows.shape[0]
+        patches = patches[:filled]
+        rank, size = world()
+        candidates = None
+        if r.coreset_candidates and r.coreset_candidates < total:
+            candidates = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))
+            candidates = candidates[: r.coreset_candidates]
+        if size == 1:
+            if candidates is not None:
+                patches = patches[candidates]
+            index = greedy_coreset(patches.to(self.device_), min(n_select, patches.shape[0]), r.projection_dim,
+                                   self.seed, progress)
+            return patches[index.cpu()].clone()
+        # rank r holds images r, r + size, ... (``shard``): its patches' places in the one-process order
+        images = torch.arange(rank, rank + size * (filled // per_image), size)
+        global_index = (images[:, None] * per_image + torch.arange(per_image)).flatten()
+        n_total = total
+        if candidates is not None:  # the one-process search runs over patches[candidates], in that order
+            position = torch.full((total,), -1, dtype=torch.long)
+            position[candidates] = torch.arange(candidates.numel())
+            global_index = position[global_index]
+            keep = global_index >= 0
+            patches, global_index, n_total = patches[keep], global_index[keep], candidates.numel()
+        search = ShardedGreedy(patches, global_index, n_total, r.projection_dim, self.seed)
+        return search.select(min(n_select, n_total), progress)[1]
+
+    def adapt_features(self, features: Any) -> None:
         """Few-shot: every patch of the new normal images joins the memory bank (k images are few; no coreset)."""
-        patches = features.permute(0, 2, 3, 1).flatten(0, 2).to(self.device_, self.net_.memory_bank.dtype)
-        self.net_.memory_bank = torch.cat([self.net_.memory_bank, patches])
+        bank = self.net_.memory_bank
+        patches = torch.cat([_patches(emb) for emb in _feature_batches(features, self.batch_size)])
+        self.net_.memory_bank = torch.cat([bank, patches.to(bank.device, bank.dtype)])
 
     def score_features(self, features: Tensor) -> Tensor | RawScores:
         if self.resolved_.image_pooling != "reweighted":

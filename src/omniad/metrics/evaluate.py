@@ -384,6 +384,7 @@ def describe_detector(detector: Any) -> dict[str, Any]:
         "image_size": getattr(detector, "image_size", None),
         "seed": getattr(detector, "seed", None),
         "fit_seconds": getattr(detector, "fit_seconds_", None),
+        "fit_peak_memory_mb": getattr(detector, "fit_peak_memory_mb_", None),
         "device": str(device) if device is not None else "unknown",
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -144,6 +144,7 @@ class Report:
                 f"{m.get('n_images')} ({m.get('n_normal')} normal, {m.get('n_defective')} {anomalous})",
             ),
             ("fit wall time", _seconds(m.get("fit_seconds"))),
+            ("fit peak memory", "-" if m.get("fit_peak_memory_mb") is None else f"{m['fit_peak_memory_mb']:.0f} MB"),
             (
                 "scoring wall time",
                 f"{_seconds(m.get('score_seconds'))} ({_rate(m.get('images_per_second'))})",

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniad.cluster import greedy_coreset, kmeans
+from omniad.cluster import kmeans
+from omniad.coreset import greedy_coreset
 from omniad.features import fuse_stages
 from omniad.methods.base import BaseDetector
 from omniad.methods.pmad.masking import INFERENCE_MASKINGS, TRAIN_MASKINGS, inference_rounds, training_mask

@@ -1,0 +1,101 @@
+"""PatchCore's coreset searches against each other on the real two-type set: the paper's greedy k-center over every
+patch against the chunked search (``omniad.coreset``) at several chunk sizes, over seeds.
+
+One unified PatchCore for kolektor and magnetic_tile (lite0 offline weights, 256 px, coreset ratio 1%, the paper's
+image score), each seed holding out its own 10% of the training images as ``fit`` does. The backbone features of
+the training and test images are computed once and shared by every variant (the backbone is frozen), so the
+variants differ in their memory bank alone. Per type: image AUROC and AU-PRO; their mean over the types; the
+search's wall time and the bank size.
+
+    python benchmarks/coreset_quality.py --seeds 3 --chunks 16384 32768 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import DEFAULT_DATA
+
+from omniad import create_detector
+from omniad.data import MVTecDataset
+from omniad.data.sources import split_holdout
+from omniad.metrics import aupro, auroc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def features_of(detector, dataset) -> torch.Tensor:
+    return torch.cat([f.cpu() for f in detector.extract(dataset)])
+
+
+def evaluate_variant(detector, train_feats, test_feats, truth, keep) -> dict:
+    """Fit the bank on the kept training features, score the cached test features; per type and mean."""
+    categories, labels, masks = truth
+    started = time.perf_counter()
+    detector.fit_features(train_feats[keep])
+    fit_s = time.perf_counter() - started
+    scores = detector.score_cached(test_feats)
+    rows = {}
+    for cat in sorted(set(categories)):
+        idx = [i for i, c in enumerate(categories) if c == cat]
+        rows[cat] = {"image_auroc": 100 * auroc(labels[idx], scores.image_scores[idx].numpy()),
+                     "aupro": 100 * aupro(masks[idx], scores.anomaly_maps[idx].numpy())}
+    rows["mean"] = {k: float(np.mean([rows[c][k] for c in rows])) for k in ("image_auroc", "aupro")}
+    return {"fit_seconds": fit_s, "bank": int(detector.net_.memory_bank.shape[0]), "types": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--ratio", type=float, default=0.01)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "coreset-quality.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    common = dict(weights="offline", image_size=args.image_size, coreset_ratio=args.ratio, progress=False,
+                  calibration_fraction=0.0)
+    train = MVTecDataset(args.data, categories=["kolektor", "magnetic_tile"], split="train",
+                         image_size=args.image_size)
+    test = MVTecDataset(args.data, categories=["kolektor", "magnetic_tile"], split="test",
+                        image_size=args.image_size)
+    probe = create_detector("patchcore", **common).prepare()
+    t = time.perf_counter()
+    train_feats, test_feats = features_of(probe, train), features_of(probe, test)
+    samples = [test[i] for i in range(len(test))]
+    truth = ([x.category for x in samples], np.array([x.label for x in samples]),
+             np.stack([x.mask.numpy() > 0.5 for x in samples]))
+    print(f"features: {len(train)} train, {len(test)} test images in {time.perf_counter() - t:.0f} s", flush=True)
+    variants = {"greedy (paper)": {"coreset": "greedy"}}
+    variants.update({f"chunked {c}": {"coreset": "chunked", "coreset_chunk_size": c} for c in args.chunks})
+    results = []
+    for seed in range(args.seeds):
+        kept, _ = split_holdout(train, 0.1, seed)  # the images fit() would train on with this seed
+        keep = torch.tensor(kept.indices)
+        for name, params in variants.items():
+            detector = create_detector("patchcore", **{**common, **params}, seed=seed).prepare()
+            row = {"variant": name, "seed": seed, **evaluate_variant(detector, train_feats, test_feats, truth, keep)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"command": "python benchmarks/coreset_quality.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.node()}, {os.cpu_count()} cores, torch threads {args.threads}",
+            "load_at_end": os.getloadavg()[0], "wall_seconds": time.perf_counter() - started,
+            "train_images": len(train), "test_images": len(test),
+            "patches": int(train_feats.shape[0] * train_feats.shape[2] * train_feats.shape[3])}
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
