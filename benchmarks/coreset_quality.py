@@ -1,13 +1,14 @@
 """PatchCore's coreset searches against each other on the real two-type set: the paper's greedy k-center over every
 patch against the chunked search (``omniad.coreset``) at several chunk sizes, over seeds.
 
-One unified PatchCore for kolektor and magnetic_tile (lite0 offline weights, 256 px, coreset ratio 1%, the paper's
-image score), each seed holding out its own 10% of the training images as ``fit`` does. The backbone features of
-the training and test images are computed once and shared by every variant (the backbone is frozen), so the
-variants differ in their memory bank alone. Per type: image AUROC and AU-PRO; their mean over the types; the
-search's wall time and the bank size.
+The setting of ``benchmarks/speed.py`` (the README's speed table): for each real type, ``--max-train`` training
+images (the same seed-0 sample), lite0 offline weights, 256 px, coreset ratio 1%, the paper's image score, each seed
+holding out its own 10% of them as ``fit`` does; ``--unified`` adds one model for both types' samples together.
+The backbone features are computed once per image set and shared by every variant (the backbone is frozen), so the
+variants differ in their memory bank alone. Per model: image AUROC and AU-PRO per type and their mean, the
+fit's wall time (the coreset search on cached features) and the bank size.
 
-    python benchmarks/coreset_quality.py --seeds 3 --chunks 16384 32768 65536
+    python benchmarks/coreset_quality.py --seeds 3 --chunks 16384 65536 --unified
 """
 
 from __future__ import annotations
@@ -52,11 +53,25 @@ def evaluate_variant(detector, train_feats, test_feats, truth, keep) -> dict:
     return {"fit_seconds": fit_s, "bank": int(detector.net_.memory_bank.shape[0]), "types": rows}
 
 
+def sampled_train(data: Path, category: str, n: int | None, image_size: int):
+    """``n`` training images of ``category`` drawn as ``benchmarks/speed.py`` draws them (seed-0 permutation)."""
+    from torch.utils.data import Subset
+
+    train = MVTecDataset(data, categories=[category], split="train", image_size=image_size)
+    if n is None or n >= len(train):
+        return train
+    order = sorted(range(len(train)), key=lambda i: train.samples[i].path.name)
+    return Subset(train, sorted(order[i] for i in np.random.default_rng(0).permutation(len(train))[:n]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--categories", nargs="+", default=["kolektor", "magnetic_tile"])
+    ap.add_argument("--max-train", type=int, default=233)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--chunks", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--unified", action="store_true", help="also one model for every type's sample together")
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -66,33 +81,40 @@ def main() -> None:
     started = time.perf_counter()
     common = dict(weights="offline", image_size=args.image_size, coreset_ratio=args.ratio, progress=False,
                   calibration_fraction=0.0)
-    train = MVTecDataset(args.data, categories=["kolektor", "magnetic_tile"], split="train",
-                         image_size=args.image_size)
-    test = MVTecDataset(args.data, categories=["kolektor", "magnetic_tile"], split="test",
-                        image_size=args.image_size)
     probe = create_detector("patchcore", **common).prepare()
-    t = time.perf_counter()
-    train_feats, test_feats = features_of(probe, train), features_of(probe, test)
-    samples = [test[i] for i in range(len(test))]
-    truth = ([x.category for x in samples], np.array([x.label for x in samples]),
-             np.stack([x.mask.numpy() > 0.5 for x in samples]))
-    print(f"features: {len(train)} train, {len(test)} test images in {time.perf_counter() - t:.0f} s", flush=True)
+    sets = {}
+    for category in args.categories:
+        train = sampled_train(args.data, category, args.max_train, args.image_size)
+        test = MVTecDataset(args.data, categories=[category], split="test", image_size=args.image_size)
+        samples = [test[i] for i in range(len(test))]
+        sets[category] = {"train": features_of(probe, train), "test": features_of(probe, test),
+                          "truth": ([x.category for x in samples], np.array([x.label for x in samples]),
+                                    np.stack([x.mask.numpy() > 0.5 for x in samples]))}
+        print(f"{category}: features of {len(train)} train, {len(test)} test images", flush=True)
+    models = {c: [c] for c in args.categories}
+    if args.unified:
+        models["unified"] = list(args.categories)
     variants = {"greedy (paper)": {"coreset": "greedy"}}
     variants.update({f"chunked {c}": {"coreset": "chunked", "coreset_chunk_size": c} for c in args.chunks})
     results = []
-    for seed in range(args.seeds):
-        kept, _ = split_holdout(train, 0.1, seed)  # the images fit() would train on with this seed
-        keep = torch.tensor(kept.indices)
-        for name, params in variants.items():
-            detector = create_detector("patchcore", **{**common, **params}, seed=seed).prepare()
-            row = {"variant": name, "seed": seed, **evaluate_variant(detector, train_feats, test_feats, truth, keep)}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    for model, cats in models.items():
+        train_feats = torch.cat([sets[c]["train"] for c in cats])
+        test_feats = torch.cat([sets[c]["test"] for c in cats])
+        truth = tuple(np.concatenate([sets[c]["truth"][k] for c in cats]) if k else
+                      sum((sets[c]["truth"][0] for c in cats), []) for k in range(3))
+        for seed in range(args.seeds):
+            # the images fit() would train on with this seed (10% held out)
+            kept, _ = split_holdout(torch.utils.data.TensorDataset(torch.arange(len(train_feats))), 0.1, seed)
+            keep = torch.tensor(kept.indices)
+            for name, params in variants.items():
+                detector = create_detector("patchcore", **{**common, **params}, seed=seed).prepare()
+                row = {"model": model, "variant": name, "seed": seed,
+                       **evaluate_variant(detector, train_feats, test_feats, truth, keep)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
     meta = {"command": "python benchmarks/coreset_quality.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.node()}, {os.cpu_count()} cores, torch threads {args.threads}",
-            "load_at_end": os.getloadavg()[0], "wall_seconds": time.perf_counter() - started,
-            "train_images": len(train), "test_images": len(test),
-            "patches": int(train_feats.shape[0] * train_feats.shape[2] * train_feats.shape[3])}
+            "load_at_end": os.getloadavg()[0], "wall_seconds": time.perf_counter() - started}
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -180,7 +180,7 @@ class StreamingCoreset:
     so it ends at round(ratio x N) whatever the chunking.
     """
 
-    def __init__(self, ratio: float, chunk_size: int = 65536, projection_dim: int = 128, seed: int = 0,
+    def __init__(self, ratio: float, chunk_size: int = 16384, projection_dim: int = 128, seed: int = 0,
                  total: int | None = None, progress: bool = False) -> None:
         if not 0 < ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
