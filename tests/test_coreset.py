@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -43,10 +41,12 @@ def test_chunked_bank_size_is_the_ratio_of_every_patch_and_comes_from_each_chunk
     search = StreamingCoreset(0.07, chunk_size=chunk, projection_dim=0, seed=0)
     bank = _stream(x, search)
     assert bank.shape == (round(0.07 * 1000), 16)
-    assert search.chunks == math.ceil(1000 / chunk)
+    # chunks of `chunk` patches; the last one takes the rest (one to two chunks' worth)
+    chunks = max(1, 1000 // chunk)
+    assert search.chunks == chunks
     # every bank entry is a patch, and the entries a chunk contributes come from that chunk
     rows = {tuple(r.tolist()): i for i, r in enumerate(x)}
-    owners = [rows[tuple(b.tolist())] // chunk for b in bank]
+    owners = [min(rows[tuple(b.tolist())] // chunk, chunks - 1) for b in bank]
     assert owners == sorted(owners)
 
 
@@ -62,13 +62,28 @@ def test_chunked_search_covers_near_the_papers_and_far_better_than_chance():
     assert chunked < 0.5 * chance
 
 
-def test_chunked_search_holds_one_chunk_at_a_time():
+def test_chunked_search_holds_two_chunks_at_most():
     search = StreamingCoreset(0.1, chunk_size=100, projection_dim=0)
     x = _clusters(1000)
     for start in range(0, 1000, 30):
         search.add(x[start : start + 30])
-        assert search.buffered < 100 + 30
+        assert search.buffered < 2 * 100 + 30
     assert search.finish().shape[0] == 100
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.3, 0.9])
+def test_chunks_that_save_budget_leave_the_last_chunk_enough_to_spend_it(ratio):
+    """Four copies of one set: the later copies are covered already and stop early; the bank still ends at the
+    ratio, and the copies get fewer centres than the first."""
+    base = _clusters(500, dim=2)
+    x = torch.cat([base + 1e-3 * i for i in range(4)])
+    search = StreamingCoreset(ratio, chunk_size=500, projection_dim=0, seed=0)
+    bank = _stream(x, search, batch=100)
+    assert bank.shape[0] == round(ratio * 2000)
+    per_chunk = [part.shape[0] for part in search.kept]
+    assert len(per_chunk) == 4
+    if ratio < 0.5:  # the copies are covered by the first chunk's centres already
+        assert max(per_chunk[1:3]) < per_chunk[0]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"),

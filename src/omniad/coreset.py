@@ -8,13 +8,15 @@ does:
   projected patches of the whole set in memory. With a process group each rank holds a shard of them and the next
   centre is the global arg-max, one collective per centre (``ShardedGreedy``); the coreset equals one process's.
 - ``StreamingCoreset`` (the default): the patches arrive batch by batch in the training set's order and are cut
-  into consecutive chunks of ``chunk_size``; each chunk is reduced to ratio x its size by the same greedy search
-  and the chunks' coresets are joined. Work per chunk is ratio x chunk_size^2, so the whole search is
-  ratio x chunk_size x N: linear in the images. Memory: one chunk and the bank, never the whole set. What it
-  guarantees: every patch lies within its chunk's greedy covering radius of the bank (the greedy search is a
-  2-approximation of each chunk's k-center optimum); what it gives up: two chunks of look-alike patches (one
-  product type over several chunks) each spend their share on covering the same region, where one global search
-  would spend it once. Measured on the real pair against the paper's search: benchmarks/results/scale.md.
+  into consecutive chunks of ``chunk_size``. Each chunk runs the same greedy search, started from the distances of
+  its patches to the last ``memory`` bank entries (so it does not cover again what earlier chunks covered), and
+  stops once its patches lie within the covering radius the previous chunk reached, keeping the budget it did not
+  need for later chunks (a new product type then gets more centres than a repeat of a known one); a chunk that
+  stops early aims a little closer next time, so savings get spent, and the last chunk spends what is left. Work:
+  (chunk_size + memory) x the chunk's centres per chunk, linear in the images; memory: two chunks and the bank.
+  What it gives up against one global search: a chunk is never revisited, so the first chunks keep the coarser
+  radius they reached before the later ones tightened it. Measured on the real pair against the paper's search:
+  benchmarks/results/scale.md.
 """
 
 from __future__ import annotations
@@ -61,16 +63,33 @@ class _Progress:
             self.bar.close()
 
 
-def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress: _Progress | None = None) -> Tensor:
-    """Greedy k-center on (N, d) projected points from the centre ``first``: (n_select,) indices in order."""
+def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress: _Progress | None = None,
+                         min_d2: Tensor | None = None, stop_d2: float | None = None,
+                         min_select: int = 0) -> tuple[Tensor, float]:
+    """Greedy k-center on (N, d) projected points from the centre ``first``.
+
+    Args:
+        min_d2: squared distances of the points to centres chosen before (which they then need not cover again).
+        stop_d2: stop early once every point lies within this squared distance of a centre, after at least
+            ``min_select`` centres.
+
+    Returns:
+        The selected indices in order (n_select of them, or fewer when stopped early) and the squared covering
+        radius reached (the largest squared distance of a point to its nearest centre).
+    """
     n = projected.shape[0]
     sq_norms = (projected * projected).sum(1)
     selected = torch.empty(n_select, dtype=torch.long)
     current = first
-    min_d2 = torch.full((n,), float("inf"), device=projected.device)
+    if min_d2 is None:
+        min_d2 = torch.full((n,), float("inf"), device=projected.device)
     d2 = torch.empty_like(min_d2)
+    count = 0
     for i in range(n_select):
+        if stop_d2 is not None and count >= min_select and float(min_d2[current]) <= stop_d2:
+            break
         selected[i] = current
+        count += 1
         # |x - c|^2 - |c|^2 = |x|^2 - 2 x.c in one fused pass over the data (memory-bound on a CPU)
         torch.addmv(sq_norms, projected, projected[current], alpha=-2, out=d2)
         d2 += sq_norms[current]
@@ -78,7 +97,7 @@ def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress:
         current = int(min_d2.argmax())
         if progress is not None:
             progress.update()
-    return selected
+    return selected[:count], float(min_d2[current])
 
 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, seed: int = 0,
@@ -91,7 +110,7 @@ def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, s
     matrix, first = _projection_and_first(dim, n, projection_dim, seed)
     bar = _Progress(n_select, "coreset (greedy)", "centre", progress)
     try:
-        return _greedy_on_projected(project(features, matrix), n_select, first, bar)
+        return _greedy_on_projected(project(features, matrix), n_select, first, bar)[0]
     finally:
         bar.close()
 
@@ -170,23 +189,26 @@ class StreamingCoreset:
 
     Args:
         ratio: share of the patches kept, in (0, 1].
-        chunk_size: patches per chunk (the last chunk takes what is left).
+        chunk_size: patches per chunk (the last chunk takes what is left: one to two chunks' worth).
         projection_dim: dimension of the random projection each chunk's search runs on.
-        seed: seeds the projection and each chunk's first centre.
+        seed: seeds the projection and the first chunk's first centre.
         total: the number of patches that will arrive, when known (the progress bar's estimate of the time left).
         progress: show a progress bar over the patches searched.
+        memory: bank entries (the latest) a chunk's search starts from; 0: every chunk on its own.
 
-    The budget is kept on the running total: after each chunk the bank holds round(ratio x patches seen) entries,
-    so it ends at round(ratio x N) whatever the chunking.
+    The budget is kept on the running total: after each chunk the bank holds at most round(ratio x patches seen)
+    entries, and the saving a chunk may leave is capped so that the last chunk can spend it: the bank ends at
+    round(ratio x N) whatever the chunking. A set of fewer than two chunks is one chunk: the paper's coreset.
     """
 
     def __init__(self, ratio: float, chunk_size: int = 16384, projection_dim: int = 128, seed: int = 0,
-                 total: int | None = None, progress: bool = False) -> None:
+                 total: int | None = None, progress: bool = False, memory: int = 4096) -> None:
         if not 0 < ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
-        if chunk_size < 1:
-            raise ValueError(f"coreset chunk_size must be >= 1, got {chunk_size}")
+        if chunk_size < 1 or memory < 0:
+            raise ValueError(f"coreset chunk_size must be >= 1 and memory >= 0, got {chunk_size} and {memory}")
         self.ratio, self.chunk_size, self.projection_dim, self.seed = ratio, chunk_size, projection_dim, seed
+        self.memory = memory
         self.matrix: Tensor | None = None
         self.buffer: list[Tensor] = []
         self.buffered = 0
@@ -194,6 +216,9 @@ class StreamingCoreset:
         self.chunks = 0
         self.kept: list[Tensor] = []
         self.n_kept = 0
+        self.recent: Tensor | None = None  # projected bank entries of the last chunks, at most ``memory``
+        self.radius2: float | None = None  # the squared covering radius the next chunk aims at
+        self.tighten = 0.9
         self.search_seconds = 0.0
         self.bar = _Progress(total or 0, "coreset (chunked)", "patch", progress)
 
@@ -205,7 +230,9 @@ class StreamingCoreset:
             self.matrix, _ = _projection_and_first(patches.shape[1], 1, self.projection_dim, self.seed)
         self.buffer.append(patches.detach().float().cpu())
         self.buffered += patches.shape[0]
-        while self.buffered >= self.chunk_size:
+        # a chunk is reduced once another whole chunk waits behind it, so that finish()'s last chunk has at least
+        # chunk_size patches (or all there are) to spend the budget still left on
+        while self.buffered >= 2 * self.chunk_size:
             rows = torch.cat(self.buffer)
             self._reduce(rows[: self.chunk_size])
             rest = rows[self.chunk_size :]
@@ -214,24 +241,43 @@ class StreamingCoreset:
     def finish(self) -> Tensor:
         """The (K, D) bank: every chunk's coreset, in chunk order (K = round(ratio x N), at least 1)."""
         if self.buffered:
-            self._reduce(torch.cat(self.buffer))
+            self._reduce(torch.cat(self.buffer), last=True)
             self.buffer, self.buffered = [], 0
         self.bar.close()
         if not self.kept:
             raise ValueError("the coreset search received no patches")
         return torch.cat(self.kept)
 
-    def _reduce(self, chunk: Tensor) -> None:
+    def _reduce(self, chunk: Tensor, last: bool = False) -> None:
         started = time.perf_counter()
         self.seen += chunk.shape[0]
-        n_select = min(chunk.shape[0], max(1, round(self.ratio * self.seen)) - self.n_kept)
-        if n_select > 0:
-            # chunk i draws as the paper's search seeded seed + i: a set within one chunk gets the paper's coreset
-            seed = self.seed + self.chunks
-            _, first = _projection_and_first(chunk.shape[1], chunk.shape[0], self.projection_dim, seed)
-            index = _greedy_on_projected(project(chunk, self.matrix), n_select, first)
+        available = min(chunk.shape[0], max(1, round(self.ratio * self.seen)) - self.n_kept)
+        if available > 0:
+            projected = project(chunk, self.matrix)
+            stop = None
+            if self.recent is None:  # the first chunk draws as the paper's search: a set within it gets its coreset
+                seed = self.seed + self.chunks
+                _, first = _projection_and_first(chunk.shape[1], chunk.shape[0], self.projection_dim, seed)
+                min_d2 = None
+            else:  # later chunks start from what the recent bank entries cover already, at its farthest patch
+                min_d2 = torch.cdist(projected, self.recent).amin(1).square()
+                first = int(min_d2.argmax())
+                stop = None if last or self.radius2 is None else self.radius2
+            # the saving a chunk may leave is capped, so that the last chunk can always spend it
+            must = max(0, available - int((1 - self.ratio) * self.chunk_size) // 2)
+            index, reached = _greedy_on_projected(projected, available, first, min_d2=min_d2, stop_d2=stop,
+                                                  min_select=must)
+            if stop is not None and index.numel() < available:
+                # covered to the radius with budget to spare: aim a little closer, so the saving gets spent
+                self.radius2 = stop * self.tighten
+            else:
+                self.radius2 = reached
             self.kept.append(chunk[index])
-            self.n_kept += n_select
+            self.n_kept += int(index.numel())
+            chosen = projected[index]
+            if self.memory:
+                recent = chosen if self.recent is None else torch.cat([self.recent, chosen])
+                self.recent = recent[-self.memory :]
         self.chunks += 1
         self.search_seconds += time.perf_counter() - started
         self.bar.update(chunk.shape[0])
