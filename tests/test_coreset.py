@@ -44,10 +44,11 @@ def test_chunked_bank_size_is_the_ratio_of_every_patch_and_comes_from_each_chunk
     # chunks of `chunk` patches; the last one takes the rest (one to two chunks' worth)
     chunks = max(1, 1000 // chunk)
     assert search.chunks == chunks
-    # every bank entry is a patch, and the entries a chunk contributes come from that chunk
+    # every bank entry is a patch; the entries a chunk contributes come from that chunk, then the reserve's
     rows = {tuple(r.tolist()): i for i, r in enumerate(x)}
-    owners = [min(rows[tuple(b.tolist())] // chunk, chunks - 1) for b in bank]
+    owners = [min(rows[tuple(b.tolist())] // chunk, chunks - 1) for b in bank[: sum(map(len, search.kept[:chunks]))]]
     assert owners == sorted(owners)
+    assert len(search.kept) == chunks + (chunks > 1)  # one chunk: no reserve
 
 
 def test_chunked_search_covers_near_the_papers_and_far_better_than_chance():
@@ -81,13 +82,30 @@ def test_chunks_that_save_budget_leave_the_last_chunk_enough_to_spend_it(ratio):
     bank = _stream(x, search, batch=100)
     assert bank.shape[0] == round(ratio * 2000)
     per_chunk = [part.shape[0] for part in search.kept]
-    assert len(per_chunk) == 4
+    assert len(per_chunk) == 4 + (ratio <= 0.5)  # the reserve's centres come last
     if ratio < 0.5:  # the copies are covered by the first chunk's centres already
         assert max(per_chunk[1:3]) < per_chunk[0]
 
 
+def test_the_reserve_goes_to_the_type_the_chunks_could_not_cover():
+    """An early chunk of a diverse type, then many chunks of a plain one: the chunks cannot give the early type
+    more than its share, the reserve can, and it lands there."""
+    g = torch.Generator().manual_seed(0)
+    diverse = torch.randn(1000, 2, generator=g) * 10
+    plain = torch.randn(4000, 2, generator=g) * 0.5 + 100
+    x = torch.cat([diverse, plain])
+    search = StreamingCoreset(0.04, chunk_size=500, projection_dim=0, seed=0, reserve=0.5)
+    bank = _stream(x, search, batch=100)
+    reserve = search.kept[-1]
+    assert bank.shape[0] == round(0.04 * 5000) and reserve.shape[0] > 0
+    assert float((reserve[:, 0] < 50).float().mean()) > 0.9  # nearly all of it on the diverse type
+    without = _stream(x, StreamingCoreset(0.04, chunk_size=500, projection_dim=0, seed=0, reserve=0.0))
+    assert _radius(diverse, bank) < _radius(diverse, without)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"),
-                                                 ({"ratio": 0.1, "chunk_size": 0}, "chunk_size")])
+                                                 ({"ratio": 0.1, "chunk_size": 0}, "chunk_size"),
+                                                 ({"ratio": 0.1, "reserve": 1.0}, "reserve")])
 def test_streaming_coreset_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StreamingCoreset(**kwargs)

@@ -12,11 +12,12 @@ does:
   its patches to the last ``memory`` bank entries (so it does not cover again what earlier chunks covered), and
   stops once its patches lie within the covering radius the previous chunk reached, keeping the budget it did not
   need for later chunks (a new product type then gets more centres than a repeat of a known one); a chunk that
-  stops early aims a little closer next time, so savings get spent, and the last chunk spends what is left. Work:
-  (chunk_size + memory) x the chunk's centres per chunk, linear in the images; memory: two chunks and the bank.
-  What it gives up against one global search: a chunk is never revisited, so the first chunks keep the coarser
-  radius they reached before the later ones tightened it. Measured on the real pair against the paper's search:
-  benchmarks/results/scale.md.
+  stops early aims a little closer next time. A chunk is never revisited, so the chunks cannot hand budget back to
+  an earlier product type that needed more; a ``reserve`` (half the budget, at most ``reserve_cap`` centres) is
+  therefore held back and spent at the end by the same greedy search over a pool of the ``pool_size`` patches
+  that lay farthest from the bank, their distances measured again to the whole bank. Work: (chunk_size + memory)
+  x a chunk's centres per chunk, plus a fixed pool x reserve search: linear in the images. Memory: two chunks, the
+  pool and the bank. Measured on the real pair against the paper's search: benchmarks/results/scale.md.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class _Progress:
 
 def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress: _Progress | None = None,
                          min_d2: Tensor | None = None, stop_d2: float | None = None,
-                         min_select: int = 0) -> tuple[Tensor, float]:
+                         min_select: int = 0) -> tuple[Tensor, float, Tensor]:
     """Greedy k-center on (N, d) projected points from the centre ``first``.
 
     Args:
@@ -74,8 +75,9 @@ def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress:
             ``min_select`` centres.
 
     Returns:
-        The selected indices in order (n_select of them, or fewer when stopped early) and the squared covering
-        radius reached (the largest squared distance of a point to its nearest centre).
+        The selected indices in order (n_select of them, or fewer when stopped early), the squared covering
+        radius reached (the largest squared distance of a point to its nearest centre) and every point's squared
+        distance to its nearest centre.
     """
     n = projected.shape[0]
     sq_norms = (projected * projected).sum(1)
@@ -97,7 +99,7 @@ def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress:
         current = int(min_d2.argmax())
         if progress is not None:
             progress.update()
-    return selected[:count], float(min_d2[current])
+    return selected[:count], float(min_d2[current]), min_d2
 
 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, seed: int = 0,
@@ -195,20 +197,33 @@ class StreamingCoreset:
         total: the number of patches that will arrive, when known (the progress bar's estimate of the time left).
         progress: show a progress bar over the patches searched.
         memory: bank entries (the latest) a chunk's search starts from; 0: every chunk on its own.
+        reserve: share of the budget held back for the end, spent where the whole bank covers worst (at most
+            ``reserve_cap`` centres; none when ``pool_size`` is 0 or ``ratio`` is above 0.5).
+        reserve_cap: the most centres held back (bounds the final search, so the whole stays linear).
+        pool_size: farthest patches kept for the reserve's search.
 
     The budget is kept on the running total: after each chunk the bank holds at most round(ratio x patches seen)
-    entries, and the saving a chunk may leave is capped so that the last chunk can spend it: the bank ends at
-    round(ratio x N) whatever the chunking. A set of fewer than two chunks is one chunk: the paper's coreset.
+    entries less the reserve, and the saving a chunk may leave is capped so that the pool can absorb it: the bank
+    ends at round(ratio x N) whatever the chunking. A set of fewer than two chunks is one chunk with no reserve:
+    the paper's coreset.
     """
 
     def __init__(self, ratio: float, chunk_size: int = 16384, projection_dim: int = 128, seed: int = 0,
-                 total: int | None = None, progress: bool = False, memory: int = 4096) -> None:
+                 total: int | None = None, progress: bool = False, memory: int = 4096, reserve: float = 0.5,
+                 reserve_cap: int = 4096, pool_size: int = 16384) -> None:
         if not 0 < ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
         if chunk_size < 1 or memory < 0:
             raise ValueError(f"coreset chunk_size must be >= 1 and memory >= 0, got {chunk_size} and {memory}")
         self.ratio, self.chunk_size, self.projection_dim, self.seed = ratio, chunk_size, projection_dim, seed
+        if not 0 <= reserve < 1 or reserve_cap < 0 or pool_size < 0:
+            raise ValueError(f"coreset reserve must be in [0, 1) and reserve_cap, pool_size >= 0, got {reserve}, "
+                             f"{reserve_cap}, {pool_size}")
         self.memory = memory
+        # without a pool there is nothing to spend a reserve on; above ratio 0.5 the pool could run short of it
+        self.reserve, self.reserve_cap = (reserve, reserve_cap) if pool_size and ratio <= 0.5 else (0.0, 0)
+        self.pool_size = pool_size if self.reserve_cap and self.reserve else 0
+        self.pool: tuple[Tensor, Tensor, Tensor] | None = None  # (full, projected, squared distance) of far patches
         self.matrix: Tensor | None = None
         self.buffer: list[Tensor] = []
         self.buffered = 0
@@ -239,19 +254,47 @@ class StreamingCoreset:
             self.buffer, self.buffered = ([rest] if rest.shape[0] else []), rest.shape[0]
 
     def finish(self) -> Tensor:
-        """The (K, D) bank: every chunk's coreset, in chunk order (K = round(ratio x N), at least 1)."""
+        """The (K, D) bank: every chunk's coreset in chunk order, then the reserve's centres (K = round(ratio x N),
+        at least 1)."""
         if self.buffered:
             self._reduce(torch.cat(self.buffer), last=True)
             self.buffer, self.buffered = [], 0
-        self.bar.close()
         if not self.kept:
             raise ValueError("the coreset search received no patches")
+        left = max(1, round(self.ratio * self.seen)) - self.n_kept
+        if left > 0 and self.pool is not None:
+            # the reserve goes where the whole bank covers worst: greedy over the pool of the farthest patches,
+            # their distances now measured to every bank entry
+            full, projected, _ = self.pool
+            bank = project(torch.cat(self.kept), self.matrix)
+            min_d2 = torch.cat([torch.cdist(part, bank).amin(1) for part in projected.split(4096)]).square()
+            index, _, _ = _greedy_on_projected(projected, min(left, projected.shape[0]), int(min_d2.argmax()),
+                                               min_d2=min_d2)
+            self.kept.append(full[index])
+            self.n_kept += int(index.numel())
+        self.bar.close()
         return torch.cat(self.kept)
+
+    def _reserved(self) -> int:
+        """Centres held back from the chunks for the end (a share of the running budget, at most reserve_cap)."""
+        return min(round(self.reserve * self.ratio * self.seen), self.reserve_cap) if self.pool_size else 0
+
+    def _nominate(self, chunk: Tensor, projected: Tensor, covered: Tensor) -> None:
+        """Keep the pool_size patches seen so far that lay farthest from the bank when their chunk was done."""
+        full, proj, d2 = (chunk, projected, covered) if self.pool is None else (
+            torch.cat([self.pool[0], chunk]), torch.cat([self.pool[1], projected]), torch.cat([self.pool[2], covered]))
+        if d2.shape[0] > self.pool_size:
+            top = d2.topk(self.pool_size).indices
+            full, proj, d2 = full[top], proj[top], d2[top]
+        self.pool = (full, proj, d2)
 
     def _reduce(self, chunk: Tensor, last: bool = False) -> None:
         started = time.perf_counter()
         self.seen += chunk.shape[0]
-        available = min(chunk.shape[0], max(1, round(self.ratio * self.seen)) - self.n_kept)
+        only = last and self.chunks == 0  # the whole set is one chunk: the paper's search, no reserve
+        target = max(1, round(self.ratio * self.seen)) - (0 if only else self._reserved())
+        available = min(chunk.shape[0], target - self.n_kept)
+        covered = None
         if available > 0:
             projected = project(chunk, self.matrix)
             stop = None
@@ -265,8 +308,8 @@ class StreamingCoreset:
                 stop = None if last or self.radius2 is None else self.radius2
             # the saving a chunk may leave is capped, so that the last chunk can always spend it
             must = max(0, available - int((1 - self.ratio) * self.chunk_size) // 2)
-            index, reached = _greedy_on_projected(projected, available, first, min_d2=min_d2, stop_d2=stop,
-                                                  min_select=must)
+            index, reached, covered = _greedy_on_projected(projected, available, first, min_d2=min_d2,
+                                                           stop_d2=stop, min_select=must)
             if stop is not None and index.numel() < available:
                 # covered to the radius with budget to spare: aim a little closer, so the saving gets spent
                 self.radius2 = stop * self.tighten
@@ -278,6 +321,12 @@ class StreamingCoreset:
             if self.memory:
                 recent = chosen if self.recent is None else torch.cat([self.recent, chosen])
                 self.recent = recent[-self.memory :]
+        if not only and self.pool_size:
+            projected = projected if available > 0 else project(chunk, self.matrix)
+            if covered is None:  # nothing selected here: the distances to the recent bank entries
+                covered = (torch.cdist(projected, self.recent).amin(1).square() if self.recent is not None
+                           else torch.full((chunk.shape[0],), float("inf")))
+            self._nominate(chunk, projected, covered)
         self.chunks += 1
         self.search_seconds += time.perf_counter() - started
         self.bar.update(chunk.shape[0])
