@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--chunks", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--unified", action="store_true", help="also one model for every type's sample together")
+    ap.add_argument("--no-greedy", action="store_true", help="leave the paper's search out (its rows are in an "
+                    "earlier results file: it is deterministic for a seed)")
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -94,7 +96,7 @@ def main() -> None:
     models = {c: [c] for c in args.categories}
     if args.unified:
         models["unified"] = list(args.categories)
-    variants = {"greedy (paper)": {"coreset": "greedy"}}
+    variants = {} if args.no_greedy else {"greedy (paper)": {"coreset": "greedy"}}
     variants.update({f"chunked {c}": {"coreset": "chunked", "coreset_chunk_size": c} for c in args.chunks})
     results = []
     for model, cats in models.items():
