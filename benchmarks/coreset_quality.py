@@ -9,6 +9,7 @@ variants differ in their memory bank alone. Per model: image AUROC and AU-PRO pe
 fit's wall time (the coreset search on cached features) and the bank size.
 
     python benchmarks/coreset_quality.py --seeds 3 --chunks 16384 65536 --unified
+    python benchmarks/coreset_quality.py --summarise results/coreset-quality-*.json   # the table of results files
 """
 
 from __future__ import annotations
@@ -64,7 +65,29 @@ def sampled_train(data: Path, category: str, n: int | None, image_size: int):
     return Subset(train, sorted(order[i] for i in np.random.default_rng(0).permutation(len(train))[:n]))
 
 
+def summarise(files: list[Path]) -> str:
+    """A markdown table of the results files: per model, variant and type, the mean and range over seeds."""
+    rows = [{**r, "variant": f"{r['variant']} [{f.name}]"} for f in files for r in json.loads(f.read_text())["results"]]
+    lines = ["| model | coreset search | type | image AUROC, mean (range) | AU-PRO, mean (range) | fit s, mean |",
+             "|---|---|---|---|---|---:|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["model"] == model):
+            runs = [r for r in rows if r["model"] == model and r["variant"] == variant]
+            for cat in runs[0]["types"]:
+                cells = []
+                for key in ("image_auroc", "aupro"):
+                    v = [r["types"][cat][key] for r in runs]
+                    cells.append(f"{np.mean(v):.2f} ({min(v):.1f}-{max(v):.1f})")
+                fit = np.mean([r["fit_seconds"] for r in runs])
+                lines.append(f"| {model} | {variant}, {len(runs)} seeds | {cat} | {cells[0]} | {cells[1]} | "
+                             f"{fit:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--summarise"]:
+        print(summarise([Path(f) for f in sys.argv[2:]]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--categories", nargs="+", default=["kolektor", "magnetic_tile"])
