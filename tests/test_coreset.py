@@ -113,6 +113,12 @@ def test_streaming_coreset_refuses_bad_settings(kwargs, message):
         StreamingCoreset(**kwargs)
 
 
+def test_a_tiny_ratio_still_gives_at_least_one_centre():
+    x = _clusters(3000)
+    search = StreamingCoreset(0.0004, chunk_size=1000, projection_dim=0)  # round(1.2) = 1 centre in all
+    assert _stream(x, search).shape[0] == 1
+
+
 def test_streaming_coreset_refuses_an_empty_stream():
     with pytest.raises(ValueError, match="no patches"):
         StreamingCoreset(0.1).finish()

@@ -259,15 +259,18 @@ class StreamingCoreset:
         if self.buffered:
             self._reduce(torch.cat(self.buffer), last=True)
             self.buffer, self.buffered = [], 0
-        if not self.kept:
+        if self.seen == 0:
             raise ValueError("the coreset search received no patches")
         left = max(1, round(self.ratio * self.seen)) - self.n_kept
         if left > 0 and self.pool is not None:
             # the reserve goes where the whole bank covers worst: greedy over the pool of the farthest patches,
             # their distances now measured to every bank entry
             full, projected, _ = self.pool
-            bank = project(torch.cat(self.kept), self.matrix)
-            min_d2 = torch.cat([torch.cdist(part, bank).amin(1) for part in projected.split(4096)]).square()
+            if self.kept:
+                bank = project(torch.cat(self.kept), self.matrix)
+                min_d2 = torch.cat([torch.cdist(part, bank).amin(1) for part in projected.split(4096)]).square()
+            else:  # every centre so far was held back (a tiny ratio): the pool's search starts from nothing
+                min_d2 = torch.full((projected.shape[0],), float("inf"))
             index, _, _ = _greedy_on_projected(projected, min(left, projected.shape[0]), int(min_d2.argmax()),
                                                min_d2=min_d2)
             self.kept.append(full[index])
