@@ -23,13 +23,14 @@ does:
 from __future__ import annotations
 
 import math
-import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from omniad.distributed import world
+from omniad.training import progress_bar
 
 
 def project(features: Tensor, matrix: Tensor | None) -> Tensor:
@@ -38,33 +39,7 @@ def project(features: Tensor, matrix: Tensor | None) -> Tensor:
     return features if matrix is None else features @ matrix.to(features.device)
 
 
-class _Progress:
-    """A tqdm bar (with its estimate of the time left) or nothing; updated in steps of about 1% of the total."""
-
-    def __init__(self, total: int, desc: str, unit: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled and total > 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
-        self.step = max(1, total // 100)
-        self.pending = 0
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is None:
-            return
-        self.pending += n
-        if self.pending >= self.step:
-            self.bar.update(self.pending)
-            self.pending = 0
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.pending)
-            self.bar.close()
-
-
-def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress: _Progress | None = None,
+def _greedy_on_projected(projected: Tensor, n_select: int, first: int, progress: Any = None,
                          min_d2: Tensor | None = None, stop_d2: float | None = None,
                          min_select: int = 0) -> tuple[Tensor, float, Tensor]:
     """Greedy k-center on (N, d) projected points from the centre ``first``.
@@ -110,7 +85,7 @@ def greedy_coreset(features: Tensor, n_select: int, projection_dim: int = 128, s
     n, dim = features.shape
     n_select = max(1, min(n_select, n))
     matrix, first = _projection_and_first(dim, n, projection_dim, seed)
-    bar = _Progress(n_select, "coreset (greedy)", "centre", progress)
+    bar = progress_bar(n_select, progress, "coreset (greedy)", "centre")
     try:
         return _greedy_on_projected(project(features, matrix), n_select, first, bar)[0]
     finally:
@@ -171,7 +146,7 @@ class ShardedGreedy:
         chosen = torch.empty(n_select, dtype=torch.long)
         bank = torch.empty(n_select, self.local.shape[1])
         centre = share(rows.get(self.first), 0.0)
-        bar = _Progress(n_select, "coreset (greedy, sharded)", "centre", progress)
+        bar = progress_bar(n_select, progress, "coreset (greedy, sharded)", "centre")
         for i in range(n_select):
             chosen[i], bank[i] = int(centre[1]), centre[3 + pdim :].float()
             torch.addmv(sq_norms, projected, centre[3 : 3 + pdim].float(), alpha=-2, out=d2)
@@ -234,8 +209,7 @@ class StreamingCoreset:
         self.recent: Tensor | None = None  # projected bank entries of the last chunks, at most ``memory``
         self.radius2: float | None = None  # the squared covering radius the next chunk aims at
         self.tighten = 0.9
-        self.search_seconds = 0.0
-        self.bar = _Progress(total or 0, "coreset (chunked)", "patch", progress)
+        self.bar = progress_bar(total, progress, "coreset (chunked)", "patch")
 
     def add(self, patches: Tensor) -> None:
         """Take (n, D) more patches; every full chunk is reduced at once."""
@@ -292,7 +266,6 @@ class StreamingCoreset:
         self.pool = (full, proj, d2)
 
     def _reduce(self, chunk: Tensor, last: bool = False) -> None:
-        started = time.perf_counter()
         self.seen += chunk.shape[0]
         only = last and self.chunks == 0  # the whole set is one chunk: the paper's search, no reserve
         target = max(1, round(self.ratio * self.seen)) - (0 if only else self._reserved())
@@ -331,7 +304,6 @@ class StreamingCoreset:
                            else torch.full((chunk.shape[0],), float("inf")))
             self._nominate(chunk, projected, covered)
         self.chunks += 1
-        self.search_seconds += time.perf_counter() - started
         self.bar.update(chunk.shape[0])
 
 

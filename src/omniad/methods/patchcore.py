@@ -6,6 +6,7 @@ Trained unified: one bank for the patches of every product type, no labels.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -129,11 +130,6 @@ def _image_count(features: Any) -> int:
     return int(features.shape[0]) if isinstance(features, Tensor) else len(features)
 
 
-def _chain(first: Tensor, rest: Any) -> Any:
-    yield first
-    yield from rest
-
-
 @register_detector("patchcore")
 class PatchCore(BaseDetector):
     """PatchCore, fitted unified on every product type at once.
@@ -233,12 +229,12 @@ class PatchCore(BaseDetector):
         if r.coreset == "chunked":
             search = StreamingCoreset(n_select / total, r.coreset_chunk_size, r.projection_dim, self.seed,
                                       total=_image_count(features) * per_image, progress=progress)
-            for emb in _chain(first, batches):
+            for emb in itertools.chain([first], batches):
                 search.add(_patches(emb))
             bank = gather_rows(search.finish())[:n_select]  # several processes: every rank's chunks, in rank order
         else:
-            bank = self._paper_coreset(_chain(first, batches), _image_count(features), per_image, total, n_select,
-                                       progress)
+            bank = self._paper_coreset(itertools.chain([first], batches), _image_count(features), per_image, total,
+                                       n_select, progress)
         self.net_ = PatchCoreNet(self.backbone_, bank.shape[0], bank.shape[1], r.patch_size).to(self.device_)
         self.net_.memory_bank.copy_(bank.to(self.device_))
         self.net_.eval()
