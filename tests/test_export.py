@@ -295,3 +295,11 @@ def test_a_missing_extra_names_it(fitted, tmp_path, monkeypatch, capsys):
     fitted("patchcore").save(tmp_path / "model")
     assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert 'omniad: error: ONNX export needs the Python package \'onnx\'' in capsys.readouterr().err
+
+
+@needs_onnx
+def test_a_float16_memory_bank_exports_with_the_torch_scores(data, tmp_path):
+    params = {**COMMON, **detector_class("patchcore").test_params, "bank_dtype": "float16"}
+    detector = create_detector("patchcore", **params).fit(data[0])
+    file = export_detector(detector, tmp_path / "half.onnx")  # its own parity check passes
+    check_parity(detector, file, data[1])

@@ -232,3 +232,54 @@ def test_nearest_search_faiss_and_torch_agree_and_follow_the_bank():
     torch.testing.assert_close(after, nearest_centres(emb.flatten(2).transpose(1, 2)[0], bank * 2)[0].view(1, 4, 4),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after)
+
+
+def test_a_float16_bank_is_the_rounded_float32_bank_saved_in_half_the_bytes(normals, tmp_path):
+    from omniad import load_detector
+
+    full = create_detector("patchcore", coreset_ratio=0.25, **COMMON).fit(normals)
+    half = create_detector("patchcore", coreset_ratio=0.25, bank_dtype="float16", **COMMON).fit(normals)
+    assert half.net_.memory_bank.dtype == torch.float16
+    assert torch.equal(half.net_.memory_bank, full.net_.memory_bank.half())  # the same search, then rounded
+    test = (normals[:4] + 0.05 * torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    full.net_.memory_bank.copy_(full.net_.memory_bank.half().float())  # float32 arithmetic on the rounded entries
+    expected, got = full.score(test), half.score(test)
+    torch.testing.assert_close(got.image_scores, expected.image_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.anomaly_maps, expected.anomaly_maps, rtol=1e-5, atol=1e-6)
+    full.save(tmp_path / "full")
+    half.save(tmp_path / "half")
+    size = {k: sum(f.stat().st_size for f in (tmp_path / k).rglob("*.safetensors")) for k in ("full", "half")}
+    bank_bytes = full.net_.memory_bank.numel() * 2
+    assert size["full"] - size["half"] == bank_bytes  # the bank alone shrank, by half its float32 size
+    loaded = load_detector(tmp_path / "half")
+    assert loaded.net_.memory_bank.dtype == torch.float16
+    torch.testing.assert_close(loaded.score(test).image_scores, got.image_scores, rtol=0, atol=0)
+
+
+def test_the_ivf_search_probing_every_cell_is_exact_and_fewer_cells_never_find_a_nearer_entry(normals, tmp_path):
+    pytest.importorskip("faiss", reason="search='ivf' is faiss's index (omniad[faiss])")
+    from omniad import load_detector
+    from omniad.export import ExportError, export_detector
+
+    exact = create_detector("patchcore", coreset_ratio=0.25, **COMMON).fit(normals)
+    every_cell = create_detector("patchcore", coreset_ratio=0.25, search="ivf", nlist=8, nprobe=8,
+                                 **COMMON).fit(normals)
+    one_cell = create_detector("patchcore", coreset_ratio=0.25, search="ivf", nlist=8, nprobe=1,
+                               **COMMON).fit(normals)
+    test = (normals[:4] + 0.3 * torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    emb = exact.features(test)
+    d_exact = exact.net_.distances(emb)
+    torch.testing.assert_close(every_cell.net_.distances(emb), d_exact, rtol=1e-5, atol=1e-5)
+    d_one = one_cell.net_.distances(emb)
+    assert (d_one >= d_exact - 1e-5).all()  # a missed nearest entry only raises the distance
+    assert (d_one > d_exact + 1e-4).any()  # one cell of eight does miss some on these random features
+    assert one_cell.net_._search_index._index.nlist == 8  # the approximate index was the one searched
+    one_cell.save(tmp_path / "ivf")
+    again = load_detector(tmp_path / "ivf")  # the seeded cells are rebuilt the same at load
+    torch.testing.assert_close(again.net_.distances(emb), d_one, rtol=0, atol=0)
+    with pytest.raises(ExportError, match=r"patchcore cannot be exported: .*search='ivf'.*search='exact'"):
+        export_detector(one_cell, tmp_path / "ivf.onnx", verify=False)
+    with pytest.raises(ValueError, match=r"nlist sets the cells of the approximate search \(search='ivf'\)"):
+        create_detector("patchcore", nlist=8, **COMMON).fit(normals)
+    with pytest.raises(ValueError, match="nprobe must be"):
+        create_detector("patchcore", search="ivf", nprobe=0, **COMMON).fit(normals)

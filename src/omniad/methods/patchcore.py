@@ -7,6 +7,7 @@ Trained unified: one bank for the patches of every product type, no labels.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniad.backbone import Backbone
-from omniad.cluster import NearestSearch
+from omniad.cluster import NearestSearch, faiss_available
 from omniad.coreset import ShardedGreedy, StreamingCoreset, greedy_coreset
 from omniad.distributed import gather_rows, is_main, sum_over_ranks, world
 from omniad.features import fuse_stages
@@ -26,6 +27,7 @@ from omniad.registry import register_detector
 from omniad.runtime import is_exporting
 
 DISTANCE_CHUNK = 4096  # patches compared with the whole memory bank at once (memory: chunk x bank size floats)
+NPROBE = 8  # cells an "ivf" search compares a patch in (benchmarks/results/scale.md measures 1-32)
 SUPPORT_CHUNK = 2**24  # bank-to-bank distances held at once while finding the support sets (64 MiB of floats)
 
 
@@ -43,11 +45,13 @@ def aggregate_patches(features: list[Tensor], patch_size: int = 3) -> Tensor:
 class PatchCoreNet(nn.Module):
     """Backbone features -> patch distances to the memory bank. Pure: no training logic."""
 
-    def __init__(self, backbone: Backbone, bank_size: int, feature_dim: int, patch_size: int = 3) -> None:
+    def __init__(self, backbone: Backbone, bank_size: int, feature_dim: int, patch_size: int = 3,
+                 bank_dtype: torch.dtype = torch.float32, nlist: int | None = None, nprobe: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.patch_size = patch_size
-        self.register_buffer("memory_bank", torch.zeros(bank_size, feature_dim))
+        self.nlist, self.nprobe = nlist, nprobe  # the bank's search: exact (nlist None) or IVF (NearestSearch)
+        self.register_buffer("memory_bank", torch.zeros(bank_size, feature_dim, dtype=bank_dtype))
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, C, h, w) aggregated patch features."""
@@ -68,7 +72,8 @@ class PatchCoreNet(nn.Module):
         """The bank's search structure, rebuilt when the bank changes (fit, load)."""
         key = (self.memory_bank.data_ptr(), self.memory_bank._version, self.memory_bank.device)
         if getattr(self, "_search_key", None) != key:
-            self._search_index, self._search_key = NearestSearch(self.memory_bank, DISTANCE_CHUNK), key
+            self._search_index = NearestSearch(self.memory_bank, DISTANCE_CHUNK, self.nlist, self.nprobe)
+            self._search_key = key
         return self._search_index
 
     def support(self, neighbours: int) -> Tensor:
@@ -80,6 +85,7 @@ class PatchCoreNet(nn.Module):
         k = min(neighbours, bank.shape[0])
         key = (bank.data_ptr(), bank._version, bank.device, k)
         if getattr(self, "_support_key", None) != key:
+            bank = bank.float()
             rows = max(1, SUPPORT_CHUNK // bank.shape[0])
             with torch.no_grad():
                 table = [torch.cdist(bank[i : i + rows], bank).topk(k, largest=False).indices
@@ -104,9 +110,10 @@ class PatchCoreNet(nn.Module):
         rows = torch.arange(b, device=emb.device)
         score = flat_d[rows, worst]
         query = emb.flatten(2).transpose(1, 2)[rows, worst]  # (B, C) the worst patch's feature
-        nearest = torch.cdist(query, self.memory_bank).argmin(1)  # m*
+        bank = self.memory_bank.to(query.dtype)  # a float16 bank is compared in float32
+        nearest = torch.cdist(query, bank).argmin(1)  # m*
         support = self.support(neighbours)[nearest]  # (B, k): m* and its nearest bank entries
-        to_support = (query.unsqueeze(1) - self.memory_bank[support]).norm(dim=-1)  # (B, k)
+        to_support = (query.unsqueeze(1) - bank[support]).norm(dim=-1)  # (B, k)
         return (1 - torch.softmax(to_support, dim=1)[:, 0]) * score
 
     def forward(self, images: Tensor) -> Tensor:
@@ -152,6 +159,16 @@ class PatchCore(BaseDetector):
         coreset_candidates: optional cap on the patches the paper's "greedy" search runs over, drawn at random
             first (a CPU-friendly setting: each greedy step is one pass over the candidates; None = all patches).
         projection_dim: dimension of the random projection the greedy coreset search runs on.
+        bank_dtype: "float32" (default) or "float16": the memory bank held and saved in half precision (half the
+            model file; distances are still computed in float32 from the rounded entries).
+        search: how a patch finds its nearest bank entry. "exact" (default; the paper's, and what an exported
+            graph does) or "ivf": faiss's inverted-file index (``omniad.cluster.NearestSearch``), which compares
+            a patch with the entries of its ``nprobe`` nearest of ``nlist`` k-means cells only, for large banks
+            (a long line at the default ratio holds 100,000s of entries). It may miss the nearest entry, which
+            only raises a patch's distance; an "ivf" model is not exported (its graph would search exactly).
+        nlist: cells of the "ivf" search (None = 4 x the square root of the bank size, faiss's rule of thumb, at
+            most one cell per 39 entries).
+        nprobe: cells each patch is compared in, for the "ivf" search.
         neighbours: bank entries the "reweighted" image score compares the worst patch with (paper: b = 9).
         **common: see ``BaseDetector``; ``image_pooling`` may also be "reweighted", the paper's image score
             (Eq. 7: the largest patch distance, re-weighted by its bank neighbourhood, before up-sampling and
@@ -172,6 +189,10 @@ class PatchCore(BaseDetector):
         "max_bank_size": Interval(1, None, integer=True, allow_none=True),
         "coreset_candidates": Interval(1, None, integer=True, allow_none=True),
         "projection_dim": Interval(0, None, integer=True),
+        "bank_dtype": Options(("float32", "float16")),
+        "search": Options(("exact", "ivf")),
+        "nlist": Interval(1, None, integer=True, allow_none=True),
+        "nprobe": POSITIVE_INT,
         "neighbours": POSITIVE_INT,
         "image_pooling": Options((*POOLINGS, "reweighted")),
     }
@@ -187,6 +208,10 @@ class PatchCore(BaseDetector):
         max_bank_size: int | None = None,
         coreset_candidates: int | None = None,
         projection_dim: int = 128,
+        bank_dtype: str = "float32",
+        search: str = "exact",
+        nlist: int | None = None,
+        nprobe: int = NPROBE,
         neighbours: int = 9,
         **common: Any,
     ) -> None:
@@ -199,12 +224,22 @@ class PatchCore(BaseDetector):
         self.max_bank_size = max_bank_size
         self.coreset_candidates = coreset_candidates
         self.projection_dim = projection_dim
+        self.bank_dtype = bank_dtype
+        self.search = search
+        self.nlist = nlist
+        self.nprobe = nprobe
         self.neighbours = neighbours
 
     def derive_params(self, values: dict[str, Any]) -> dict[str, Any]:
         if values["coreset"] == "chunked" and values["coreset_candidates"]:
             raise ValueError("patchcore: coreset_candidates subsamples the patches of the paper's search "
                              "(coreset='greedy'); the chunked search runs over every patch in linear time")
+        if values["search"] == "exact" and values["nlist"] is not None:
+            raise ValueError("patchcore: nlist sets the cells of the approximate search (search='ivf'); "
+                             "the exact search has none")
+        if values["search"] == "ivf" and not faiss_available():
+            raise ValueError("patchcore: search='ivf' is faiss's index, which is not installed: "
+                             "pip install 'omniad[faiss]' (or search='exact')")
         return values
 
     def features(self, images: Tensor) -> Tensor:
@@ -235,9 +270,18 @@ class PatchCore(BaseDetector):
         else:
             bank = self._paper_coreset(itertools.chain([first], batches), _image_count(features), per_image, total,
                                        n_select, progress)
-        self.net_ = PatchCoreNet(self.backbone_, bank.shape[0], bank.shape[1], r.patch_size).to(self.device_)
+        self.net_ = self._net(bank.shape[0], bank.shape[1])
         self.net_.memory_bank.copy_(bank.to(self.device_))
         self.net_.eval()
+
+    def _net(self, bank_size: int, feature_dim: int) -> PatchCoreNet:
+        r = self.resolved_
+        nlist = None
+        if r.search == "ivf":
+            # faiss's rule of thumb, with the 39 entries per cell its k-means asks for (small banks: few cells)
+            nlist = r.nlist or max(1, min(round(4 * math.sqrt(bank_size)), bank_size // 39))
+        return PatchCoreNet(self.backbone_, bank_size, feature_dim, r.patch_size, getattr(torch, r.bank_dtype),
+                            nlist, r.nprobe).to(self.device_)
 
     def _paper_coreset(self, batches: Any, n_local_images: int, per_image: int, total: int, n_select: int,
                        progress: bool) -> Tensor:
@@ -287,6 +331,12 @@ class PatchCore(BaseDetector):
         distances = self.net_.distances(features)
         return RawScores(distances, self.net_.reweighted_scores(features, distances, self.resolved_.neighbours))
 
+    def export_blockers(self) -> list[str]:
+        if self.resolved_.search == "ivf":
+            return ["its memory bank is searched approximately (search='ivf') and an exported graph searches it "
+                    "exactly, so the scores and the threshold would not match: fit with search='exact' to export"]
+        return super().export_blockers()
+
     def export_batch_size(self) -> int:
         # the exported graph compares every patch of a run with the whole bank at once: runs of at most
         # DISTANCE_CHUNK patches hold no more memory than torch's chunks do
@@ -301,4 +351,4 @@ class PatchCore(BaseDetector):
         return {"bank_size": int(self.net_.memory_bank.shape[0]), "feature_dim": int(self.net_.memory_bank.shape[1])}
 
     def build(self, meta: dict[str, Any]) -> None:
-        self.net_ = PatchCoreNet(self.backbone_, meta["bank_size"], meta["feature_dim"], self.resolved_.patch_size)
+        self.net_ = self._net(meta["bank_size"], meta["feature_dim"])
