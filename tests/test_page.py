@@ -32,6 +32,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from omniad.calibration import Calibration  # noqa: E402
 from omniad.data import MVTecDataset, read_image  # noqa: E402
 from omniad.data.synthetic import make_synthetic_dataset  # noqa: E402
 from omniad.registry import create_detector  # noqa: E402
@@ -180,6 +181,40 @@ def test_page_uploads_images_shows_scores_and_decisions_and_moves_the_threshold(
     assert len(seen) == 4, "each key moved the threshold"
     browser.find_element(By.ID, "reset").click()
     assert _far(browser)[0] == calibration.threshold
+
+    # the service's running alarm rate, as the last answer gave it: the images scored, the service's decisions
+    monitor = browser.find_element(By.ID, "monitor")
+    flagged = sum(calibration.decide(expected.image_scores.double().numpy()))
+    assert monitor.get_attribute("data-images") == str(len(files))
+    assert monitor.get_attribute("data-alarms") == str(flagged)
+    assert monitor.get_attribute("data-departed") == "false"
+    assert f"{flagged} of the latest {len(files)} images flagged" in monitor.text
+
+
+def test_page_warns_when_the_alarm_rate_departs_from_the_calibration(browser, server, model_and_images, tmp_path):
+    detector, files = model_and_images
+    calibration = detector.calibration_
+    # the line shifts: every image now scores above the threshold (a re-calibration starts the monitor afresh)
+    shifted = Calibration.from_normal_scores(calibration.normal_scores - 1e6, calibration.target_far, "shifted")
+    detector.calibration_ = shifted
+    try:
+        stream = []
+        for i in range(24):
+            stream.append(tmp_path / f"shifted_{i:02d}.png")
+            stream[-1].write_bytes(files[i % len(files)].read_bytes())
+        browser.get(server)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.ID, "far").get_attribute("data-normals"))
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in stream))
+        wait.until(lambda d: d.execute_script("return document.body.dataset.busy") == "false")
+        monitor = browser.find_element(By.ID, "monitor")
+        assert monitor.get_attribute("data-departed") == "true"
+        assert monitor.get_attribute("data-images") == "24" and monitor.get_attribute("data-alarms") == "24"
+        assert "departed" in monitor.get_attribute("class")
+        assert "warning: alarm rate 100.0% (24 of 24 images flagged)" in monitor.text
+        assert "omniad calibrate" in monitor.text
+    finally:
+        detector.calibration_ = calibration
 
 
 def _save_screenshot(driver) -> None:

@@ -44,6 +44,7 @@ from torch import Tensor
 from omniad.calibration import Calibration
 from omniad.data.images import IMAGE_EXTENSIONS, ImageReadError, read_image
 from omniad.distributed import is_main, world
+from omniad.monitor import AlarmCheck, calibration_counts, check_alarms
 from omniad.report import _atomic_save, overlay_scale, save_overlay
 
 RESULT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
@@ -88,6 +89,8 @@ class Prediction:
         threshold_source: one line on where the threshold came from.
         calibration: the model's own calibration (None when it has none), whatever threshold was used.
         out: the output folder, or None when nothing was written.
+        alarm_check: the run's alarm count tested against the calibrated false-alarm rate
+            (``omniad.monitor``); None without a calibrated rate.
     """
 
     results: list[PredictedImage]
@@ -99,6 +102,7 @@ class Prediction:
     calibration: Calibration | None = None
     out: Path | None = None
     image_size: int | list[int] | None = field(default=None)
+    alarm_check: AlarmCheck | None = None
 
     @property
     def scores(self) -> np.ndarray:
@@ -129,6 +133,7 @@ class Prediction:
             "n_scored": len(self.results),
             "n_flagged": self.n_flagged,
             "n_failed": len(self.failed),
+            "alarm_check": None if self.alarm_check is None else self.alarm_check.to_dict(),
             "results": [r._asdict() for r in self.results],
             "failed": [f._asdict() for f in self.failed],
             "skipped": [s._asdict() for s in self.skipped],
@@ -137,6 +142,8 @@ class Prediction:
     def summary(self) -> str:
         """A few lines for people: counts, the threshold and its source, every file that failed."""
         lines = [f"{len(self.results)} images scored with {self.method}; " + self._decision_line()]
+        if self.alarm_check is not None and self.alarm_check.departed:
+            lines.append(self.alarm_check.message())
         if self.out is not None:
             lines.append(f"results in {self.out / 'results.csv'} and {self.out / 'results.json'}")
         if self.failed:
@@ -421,6 +428,10 @@ def predict(
         if spill is not None:
             _write_overlays(spill, out_path, None if rule is None else rule.threshold)
 
+    alarm_check = None
+    counts = None if rule is None else calibration_counts(rule)
+    if counts is not None:
+        alarm_check = check_alarms(len(decisions), int(sum(bool(d) for d in decisions)), *counts)
     prediction = Prediction(
         results=[PredictedImage(*row) for row in zip(names, scores, decisions, overlay_of, strict=True)],
         failed=failed,
@@ -431,6 +442,7 @@ def predict(
         calibration=calibration,
         out=out_path,
         image_size=_jsonable_size(detector.image_size),
+        alarm_check=alarm_check,
     )
     if out_path is not None and is_main():
         write_results(prediction, out_path)

@@ -15,7 +15,8 @@ from typing import Any
 from omniad.serve.service import BatchScorer, ServeError, load_model, model_info
 
 # import name -> the distribution that provides it
-_NEEDED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+_NEEDED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
+           "prometheus_client": "prometheus-client"}
 
 
 def require_serve_dependencies() -> None:

@@ -2,7 +2,9 @@
 
     POST /predict[?overlay=true]   multipart field ``files``: one or several images -> JSON per image
     GET  /model                    the model, its threshold and the held-out normal scores behind it
-    GET  /health                   liveness
+    GET  /health                   liveness, and the alarm monitor's state
+    GET  /metrics                  Prometheus text format: requests, images, alarms, score histogram, the alarm
+                                   rate of the latest images against the calibrated rate (``serve.metrics``)
     GET  /                         the page (static/index.html, app.js, style.css)
 
 Refusals are JSON ``{"detail": message, "filename": file or null}`` with a 4xx status: 400 (a malformed multipart
@@ -21,13 +23,15 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from omniad._version import __version__
+from omniad.monitor import WINDOW
+from omniad.serve.metrics import ServiceMetrics
 from omniad.serve.service import BatchScorer, ServeError, model_info, predict_payload, prepare_upload
 
 STATIC = Path(__file__).with_name("static")
@@ -43,6 +47,7 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_pixels: int | None = None,
     batch_size: int | None = None,
+    monitor_window: int = WINDOW,
 ) -> FastAPI:
     """The service of one fitted model.
 
@@ -53,6 +58,8 @@ def create_app(
         max_batch: most files in one request (413 above).
         max_pixels: largest image (width x height) decoded; None: Pillow's decompression-bomb limit.
         batch_size: images per model call (default the model's), joining concurrent requests' images.
+        monitor_window: latest images whose alarm rate is tested against the calibrated false-alarm rate
+            (``omniad.monitor``); each ``/predict`` answer carries the test as ``monitor``.
 
     Returns:
         The FastAPI application (run it with uvicorn, or ``omniad.serve.run``).
@@ -60,6 +67,7 @@ def create_app(
     if max_upload_bytes < 1 or max_batch < 1:
         raise ValueError(f"max_upload_bytes and max_batch must be positive, got {max_upload_bytes}, {max_batch}")
     scorer = BatchScorer(detector, batch_size)
+    metrics = ServiceMetrics(detector, monitor_window)
     limits = {"max_upload_bytes": max_upload_bytes, "max_batch": max_batch, "max_pixels": max_pixels}
 
     @asynccontextmanager
@@ -69,15 +77,22 @@ def create_app(
 
     app = FastAPI(title=f"omniad serve: {detector.name}", version=__version__, lifespan=lifespan,
                   description="Anomaly scores, decisions and heat maps of one unified omniad model.")
-    app.state.detector, app.state.scorer = detector, scorer
+    app.state.detector, app.state.scorer, app.state.metrics = detector, scorer, metrics
 
     @app.exception_handler(ServeError)
     async def refused(request: Request, err: ServeError) -> JSONResponse:
+        metrics.refused.inc()
         return JSONResponse({"detail": err.message, "filename": err.filename}, status_code=err.status)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": detector.name, "model_calls": scorer.calls, "images_scored": scorer.images}
+        check = metrics.status()
+        return {"status": "ok", "model": detector.name, "model_calls": scorer.calls, "images_scored": scorer.images,
+                "monitor": None if check is None else check.to_dict()}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/model")
     def model() -> dict[str, Any]:
@@ -91,9 +106,11 @@ def create_app(
         images = await run_in_threadpool(_prepare_all, detector, names, blobs, max_pixels)
         try:
             scores, maps = await asyncio.wrap_future(scorer.submit(torch.stack(images)))
-            return await run_in_threadpool(predict_payload, detector, names, images, scores, maps, overlay)
+            payload = await run_in_threadpool(predict_payload, detector, names, images, scores, maps, overlay)
         except Exception as err:  # noqa: BLE001 - a model failure is the server's, said plainly
             raise ServeError(500, f"scoring failed: {err}") from err
+        payload["monitor"] = metrics.record(scores, [r["anomalous"] for r in payload["results"]])
+        return payload
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -5,7 +5,7 @@
 // (GET /model) and re-decides the shown images as it moves. No build step, no libraries.
 
 const IN_FLIGHT = 4;
-const state = { model: null, normals: [], calibrated: null, threshold: null, results: [] };
+const state = { model: null, normals: [], calibrated: null, threshold: null, results: [], monitor: null };
 const $ = (id) => document.getElementById(id);
 
 // Index of the first value > t in an ascending array: the count of values <= t.
@@ -95,6 +95,20 @@ function renderThreshold() {
   for (const result of state.results) paintDecision(result);
 }
 
+// The service's alarm monitor: the alarm rate of its latest images against the calibrated false-alarm rate
+// (omniad.monitor). Answers of concurrent requests may arrive out of order: the one that counted most images wins.
+function renderMonitor(monitor) {
+  if (!monitor || (state.monitor && state.monitor.served > monitor.served)) return;
+  state.monitor = monitor;
+  const line = $("monitor");
+  Object.assign(line.dataset, { rate: String(monitor.rate), alarms: String(monitor.alarms),
+                                images: String(monitor.images), departed: String(monitor.departed) });
+  line.className = monitor.departed ? "departed" : "";
+  line.textContent = monitor.departed ? monitor.message :
+    `Running alarm rate ${(100 * monitor.rate).toFixed(1)} %: ${monitor.alarms} of the latest ${monitor.images} ` +
+    `images flagged (the calibration expects ${(100 * monitor.expected_rate).toFixed(2)} %).`;
+}
+
 function paintDecision(result) {
   if (!result.card) return;
   const decision = decisionAt(result);
@@ -141,6 +155,7 @@ async function send(file) {
     const response = await fetch("predict?overlay=true", { method: "POST", body });
     const payload = await response.json().catch(() => ({ detail: response.statusText }));
     if (!response.ok) return { filename: file.name, error: `${response.status}: ${payload.detail}` };
+    renderMonitor(payload.monitor);
     return payload.results[0];
   } catch (err) {
     return { filename: file.name, error: `no answer from the service (${err})` };
