@@ -10,6 +10,7 @@ test patches whose nearest entry the search missed, and the scoring wall time ov
 the search's cost, without the backbone).
 
     python benchmarks/bank_search.py --ratios 0.01 0.1 --nprobe 1 4 8 16 32
+    python benchmarks/bank_search.py --summarise results/bank-search.json   # its table again
 """
 
 from __future__ import annotations
@@ -65,7 +66,30 @@ def missed(net, bank: torch.Tensor, queries: torch.Tensor) -> float:
     return float((found > exact * (1 + 1e-4) + 1e-5).float().mean())
 
 
+def to_markdown(data: dict) -> str:
+    """The table of a results file: one row per (coreset ratio, variant)."""
+    meta = data["meta"]
+    lines = [f"`{meta['command']}` ({meta['machine']}; load {meta['load_at_end']:.1f} at the end; "
+             f"{meta['wall_seconds']:.0f} s in all)", "",
+             "| coreset ratio | bank | search | nearest entry missed | image AUROC kolektor / magnetic_tile | "
+             "AU-PRO kolektor / magnetic_tile | mean image AUROC / AU-PRO | mixed image AUROC | scoring img/s |",
+             "|---|---:|---|---:|---|---|---|---:|---:|"]
+    for r in data["results"]:
+        t = r["types"]
+        search = r["variant"] + (f" (nlist {r['nlist']})" if r["nlist"] else "")
+        lines.append(
+            f"| {r['ratio']:g} | {r['bank']} | {search} | {100 * r['missed_nearest']:.2f}% | "
+            f"{t['kolektor']['image_auroc']:.2f} / {t['magnetic_tile']['image_auroc']:.2f} | "
+            f"{t['kolektor']['aupro']:.2f} / {t['magnetic_tile']['aupro']:.2f} | "
+            f"{r['mean']['image_auroc']:.2f} / {r['mean']['aupro']:.2f} | {r['mixed_image_auroc']:.2f} | "
+            f"{r['images_per_second']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--summarise"]:
+        print(to_markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--categories", nargs="+", default=["kolektor", "magnetic_tile"])
@@ -117,7 +141,7 @@ def main() -> None:
             use_search(net, bank, dtype, cells, nprobe)
             t0 = time.perf_counter()
             share = missed(net, bank.to(dtype).float(), queries)
-            build_s = time.perf_counter() - t0  # includes the index's k-means for an IVF search
+            build_s = time.perf_counter() - t0  # the index's build (an IVF's k-means) and the exact reference search
             row = {"ratio": ratio, "bank": int(bank.shape[0]), "nlist": cells, "variant": name, "fit_seconds": fit_s,
                    "index_seconds": build_s, "missed_nearest": share, **evaluate(detector, test_feats, truth)}
             results.append(row)
@@ -126,7 +150,8 @@ def main() -> None:
             "machine": f"{platform.node()}, {os.cpu_count()} cores, torch threads {args.threads}",
             "load_at_end": os.getloadavg()[0], "wall_seconds": time.perf_counter() - started}
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    args.out.with_suffix(".md").write_text(to_markdown({"meta": meta, "results": results}))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
