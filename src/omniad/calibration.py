@@ -41,22 +41,48 @@ class Calibration:
         target_far: the share of the normal images that the threshold flags at most.
         normal_scores: the normal images' scores the threshold was set on (float64, sorted).
         source: where those images came from (e.g. "held-out 10% of the training images").
+        normal_groups: the cluster of the training images each normal image was drawn from (``omniad.holdout``),
+            in the order of ``normal_scores``; None when they were not drawn by cluster.
     """
 
     threshold: float
     target_far: float
     normal_scores: np.ndarray = field(repr=False)
     source: str = ""
+    normal_groups: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def from_normal_scores(cls, scores: Any, target_far: float, source: str) -> Calibration:
-        """The threshold at ``target_far`` on these normal scores: the one place a threshold is computed."""
-        values = np.sort(np.asarray(_numpy(scores), dtype=np.float64).ravel())
-        return cls(threshold_at_far(values, target_far), float(target_far), values, source)
+    def from_normal_scores(cls, scores: Any, target_far: float, source: str, groups: Any = None) -> Calibration:
+        """The threshold at ``target_far`` on these normal scores: the one place a threshold is computed.
+        ``groups``: each image's cluster (same order as ``scores``), kept for ``group_rates``."""
+        raw = np.asarray(_numpy(scores), dtype=np.float64).ravel()
+        order = np.argsort(raw, kind="stable")
+        sorted_groups = None
+        if groups is not None:
+            labels = np.asarray(_numpy(groups)).ravel()
+            if labels.shape != raw.shape:
+                raise ValueError(f"{labels.size} groups given for {raw.size} normal scores")
+            sorted_groups = labels.astype(np.int64)[order]
+        return cls(threshold_at_far(raw[order], target_far), float(target_far), raw[order], source, sorted_groups)
 
     def at(self, target_far: float) -> Calibration:
         """The same normal scores calibrated at another false-alarm rate (no images needed)."""
-        return Calibration.from_normal_scores(self.normal_scores, target_far, self.source)
+        return Calibration.from_normal_scores(self.normal_scores, target_far, self.source, self.normal_groups)
+
+    def group_rates(self, threshold: float | None = None) -> list[dict[str, Any]]:
+        """Per cluster of the held-out normals: images, how many score above ``threshold`` (default: its own)
+        and that share. Empty when the normals were not drawn by cluster. A threshold that holds on average can
+        flag one kind of image far more often than another: this says which."""
+        if self.normal_groups is None:
+            return []
+        thr = self.threshold if threshold is None else float(threshold)
+        rows = []
+        for group in np.unique(self.normal_groups):
+            scores = self.normal_scores[self.normal_groups == group]
+            flagged = int((scores > thr).sum())
+            rows.append({"group": int(group), "images": int(scores.size), "flagged": flagged,
+                         "rate": flagged / scores.size})
+        return rows
 
     def decide(self, image_scores: Any) -> np.ndarray:
         """Boolean decisions ``score > threshold``; NaN or infinite scores are an error, never a decision."""
@@ -81,6 +107,13 @@ class Calibration:
             f"{self.normal_scores.size} normal images ({self.source})"
         )
 
+    def describe_groups(self) -> str:
+        """One line: the held-out normals' false alarms per cluster of the training images ("" without them)."""
+        rows = self.group_rates()
+        if not rows:
+            return ""
+        return "held-out normals flagged, per cluster of the training images: " + format_group_rates(rows)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the normal scores as a list)."""
         return {
@@ -88,6 +121,7 @@ class Calibration:
             "target_far": self.target_far,
             "normal_scores": self.normal_scores.tolist(),
             "source": self.source,
+            "normal_groups": None if self.normal_groups is None else self.normal_groups.tolist(),
         }
 
     @classmethod
@@ -114,11 +148,25 @@ class Calibration:
                 f"{where}: threshold {threshold} does not follow from its normal scores at target_far {far} "
                 f"(they give {computed}); the file was edited or corrupted"
             )
-        return cls(float(threshold), float(far), values, str(data.get("source", "")))
+        groups = data.get("normal_groups")
+        if groups is not None:
+            if (not isinstance(groups, list) or len(groups) != len(scores)
+                    or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups)):
+                raise ValueError(f"{where}: normal_groups must be a list of {len(scores)} integers, one per score")
+            # stored in the order of the sorted scores; a stable sort of sorted values keeps that order
+            groups = np.asarray(groups, dtype=np.int64)[np.argsort(np.asarray(scores, dtype=np.float64),
+                                                                    kind="stable")]
+        return cls(float(threshold), float(far), values, str(data.get("source", "")), groups)
+
+
+def format_group_rates(rows: list[dict[str, Any]]) -> str:
+    """``Calibration.group_rates`` rows as "#0: 0 of 12, #1: 2 of 9 (22%)"."""
+    return ", ".join(f"#{r['group']}: {r['flagged']} of {r['images']}" + (f" ({r['rate']:.0%})" if r["flagged"] else "")
+                     for r in rows)
 
 
 def _numpy(values: Any) -> Any:
     return values.detach().cpu().numpy() if hasattr(values, "detach") else values
 
 
-__all__ = ["Calibration", "threshold_at_far"]
+__all__ = ["Calibration", "format_group_rates", "threshold_at_far"]

@@ -211,7 +211,8 @@ def _calibration_line(detector) -> str:
     if calibration is None:
         return ("no calibrated threshold (calibration_fraction is 0, or too few training images to hold any out): "
                 "decisions need a threshold (omniad predict --threshold)")
-    return f"calibrated {calibration.describe()}"
+    groups = calibration.describe_groups()
+    return f"calibrated {calibration.describe()}" + (f"\n{groups}" if groups else "")
 
 
 def _print_skipped(skipped: list, split: str, shown: int = 20) -> None:

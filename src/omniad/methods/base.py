@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
@@ -31,6 +32,7 @@ from omniad.data.images import KeepAspect, check_image_batch, letterbox, resize_
 from omniad.data.sources import as_image_dataset, iterate_batches, split_holdout
 from omniad.distributed import gather_shards, is_main, shard, world
 from omniad.features import FeatureCache, Features, feature_count, feature_slice, feature_to
+from omniad.holdout import pooled_features, stratified_holdout
 from omniad.memory import PeakMemory
 from omniad.params import (
     FRACTION,
@@ -99,6 +101,10 @@ class BaseDetector:
         batch_size: images per batch for the backbone and for scoring.
         calibration_fraction: share of the training images held out (never trained on) to calibrate the
             decision threshold; 0 disables calibration.
+        calibration_strata: the held-out share is drawn from each of this many clusters of the training images
+            (k-means over pooled backbone features of thumbnails, ``omniad.holdout``), so every kind of image of
+            the line is in the calibration, and ``calibration_.group_rates()`` gives each cluster's false-alarm
+            rate; 0 = a plain random share.
         target_far: false-alarm rate on held-out normal images that the calibrated threshold aims at.
         sigma: Gaussian smoothing of the up-sampled map (None: the method's default; the protocol's is 4).
         image_pooling: image score from the map: "top1" (mean of the top ``top_fraction``), "max", "maxpool"
@@ -131,6 +137,7 @@ class BaseDetector:
         "batch_size": POSITIVE_INT,
         "seed": Interval(0, None, integer=True),
         "calibration_fraction": FRACTION,
+        "calibration_strata": Interval(0, None, integer=True),
         "target_far": FRACTION,
         "sigma": NON_NEGATIVE,
         "image_pooling": Options(POOLINGS),
@@ -154,6 +161,7 @@ class BaseDetector:
         seed: int = 0,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        calibration_strata: int = 8,
         target_far: float = 0.01,
         sigma: float | None = None,
         image_pooling: str | None = None,
@@ -170,6 +178,7 @@ class BaseDetector:
         self.seed = seed
         self.batch_size = batch_size
         self.calibration_fraction = calibration_fraction
+        self.calibration_strata = calibration_strata
         self.target_far = target_far
         self.sigma = sigma
         self.image_pooling = image_pooling
@@ -308,14 +317,31 @@ class BaseDetector:
             images = as_image_dataset(data, self.read_size)
             if len(images) == 0:
                 raise ValueError("fit needs at least one training image; the data given is empty")
-            train, holdout = split_holdout(images, self.calibration_fraction, self.seed)
+            train, holdout, groups = self.split_calibration(images)
             self.fit_features(self.extract(train))
             if holdout is not None:
                 share = f"{self.calibration_fraction:g} of the {len(images)} training images"
-                self.calibrate(holdout, source=f"held out from training: {share}, never trained on")
+                if groups is not None:
+                    share += f", drawn from each of {len(set(groups.tolist()))} clusters of them"
+                self.calibrate(holdout, source=f"held out from training: {share}, never trained on", groups=groups)
         self.fit_seconds_ = time.perf_counter() - started  # whole fit, calibration included (for reports)
         self.fit_peak_memory_mb_ = peak.bytes / 2**20  # the process's peak resident memory during the fit
         return self
+
+    def split_calibration(self, images: Any) -> tuple[Any, Any, np.ndarray | None]:
+        """(training images, held-out normals or None, their clusters or None): ``calibration_fraction`` of
+        the images, drawn per cluster (``calibration_strata``, ``omniad.holdout``) or at random."""
+        fraction, strata = self.calibration_fraction, self.calibration_strata
+        if not strata or int(round(fraction * len(images))) < 1:
+            return (*split_holdout(images, fraction, self.seed), None)
+        owner = self
+        if getattr(self, "backbone_", None) is None and isinstance(getattr(self, "base_", None), BaseDetector):
+            owner = self.base_  # a wrapper (CADA): its base's frozen backbone
+            if getattr(owner, "backbone_", None) is None:
+                owner.prepare()
+        backbone = getattr(owner, "backbone_", None)
+        features = pooled_features(backbone, images, self.batch_size, getattr(owner, "device_", "cpu"))
+        return stratified_holdout(images, fraction, self.seed, features, strata)
 
     def extract(self, data: Any) -> Features | FeatureStream:
         """What the method trains on: ``features`` of every image, computed once (on the CPU), or a
@@ -481,13 +507,15 @@ class BaseDetector:
         return concat_scores(parts)
 
     # ----------------------------------------------------------------- calibration
-    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None) -> Calibration:
+    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None,
+                  groups: Any = None) -> Calibration:
         """Set the decision rule (``calibration_``) so that a share ``target_far`` of these normal images would be
-        flagged. Returns the new ``Calibration``."""
+        flagged; ``groups``: each image's cluster (``Calibration.group_rates``). Returns the new ``Calibration``."""
         self._check_fitted()
         far = self.target_far if target_far is None else target_far
         scores = self.score_dataset(normal_images, "calibrating").image_scores
-        self.calibration_ = Calibration.from_normal_scores(scores, far, source or "calibrate() on given images")
+        self.calibration_ = Calibration.from_normal_scores(scores, far, source or "calibrate() on given images",
+                                                           groups)
         return self.calibration_
 
     # ----------------------------------------------------------------- few-shot adaptation

@@ -159,14 +159,15 @@ class MuSc(BaseDetector):
             return AnomalyScores(torch.empty(0), torch.empty(0, self.image_size, self.image_size))
         return self.score_cached(self.extract(images))
 
-    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None) -> Any:
+    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None,
+                  groups: Any = None) -> Any:
         """The base's calibration, the normal images scored against each other (so at least 2 of them)."""
         count = len(as_image_dataset(normal_images))
         if count < self.min_score_batch:
             raise ValueError(f"musc calibrates on normal images scored against each other: it needs at least "
                              f"{self.min_score_batch}, got {count} (at fit: raise calibration_fraction, or set it "
                              "to 0 and calibrate on normal images of the type to inspect)")
-        return super().calibrate(normal_images, target_far, source)
+        return super().calibrate(normal_images, target_far, source, groups)
 
     def export_blockers(self) -> list[str]:
         return ["musc scores every image against the other images of the same call; an exported graph runs in "

@@ -66,6 +66,7 @@ class PaDiM(BaseDetector):
     defaults = {"sigma": 4.0, "image_pooling": "max"}
     constraints = {"stages": Each(Interval(0, None, integer=True)), "n_features": POSITIVE_INT,
                    "epsilon": Interval(0.0, None, low_open=True)}
+    memorises_training = True  # its model of normality fits its own training images (CADA: out-of-fold targets)
     cache_features = False  # one float64 Gaussian per position, accumulated batch by batch: no cache needed
 
     def __init__(

@@ -286,6 +286,7 @@ def _run_facts(scored: ScoredSet, calibration: Any, names: list[str], notes: lis
         "threshold": calibration.threshold if calibration is not None else float("nan"),
         "threshold_source": calibration.describe() if calibration is not None else "none (detector not calibrated)",
         "target_far": calibration.target_far if calibration is not None else None,
+        "calibration_clusters": calibration.group_rates() if calibration is not None else [],
         "peak_rss_mb": _peak_rss_mb(),
         "notes": notes,
     }

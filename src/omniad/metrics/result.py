@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from omniad.calibration import format_group_rates
+
 # (key, column title) of the threshold-free table and of the calibrated-decision table.
 RANKING_COLUMNS = [
     ("image_auroc", "I-AUROC"),
@@ -155,6 +157,8 @@ class Report:
             ("torch", m.get("torch_version")),
             ("threshold", f"{m.get('threshold')} ({m.get('threshold_source')})"),
         ]
+        if m.get("calibration_clusters"):  # the held-out normals' false alarms, per cluster of the training images
+            facts.append(("held-out normals flagged per cluster", format_group_rates(m["calibration_clusters"])))
         lines += [f"- **{k}**: {v}" for k, v in facts]
         if setting:
             lines += ["", f"**Setting.** {setting.get('description', '')}"]

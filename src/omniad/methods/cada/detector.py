@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from omniad.backbone import Backbone
 from omniad.calibration import Calibration
@@ -41,9 +42,11 @@ from omniad.methods.cada.base_reader import (
 )
 from omniad.methods.cada.network import CADARegressor, channel_statistics
 from omniad.params import POSITIVE_INT, Interval, Options
-from omniad.registry import register_detector
+from omniad.registry import detector_class, register_detector
 from omniad.training import batch_indices, train
 from omniad.types import AnomalyScores
+
+OUT_OF_FOLD = 2  # folds of target_folds=None over a base that memorises its training images
 
 
 @register_detector("cada")
@@ -68,6 +71,13 @@ class CADA(BaseDetector):
             weights, image_size, device, seed, batch_size, progress) default to CADA's own.
         target: "max": regress (u, gamma = max of the map), the paper's default; "u_sigma": gamma = u + 3 sigma
             of the map (Table 5; more robust when the training images contain a few defects).
+        target_folds: where the targets' maps come from. 0: the base's maps of its own training images (the
+            paper's). k >= 2: out of fold: the images are cut into k seeded folds, and each fold's maps come from
+            a copy of the base fitted on the other folds (k more base fits; the base that scores is still fitted
+            on every image). A base that memorises its training images (PatchCore's bank holds their patches;
+            PaDiM's Gaussians, with few images per feature dimension, fit them exactly) maps them flatter than
+            any new normal image, so in-sample targets understate the spread CADA divides by. None: 2 for such
+            bases (``memorises_training``), 0 for the trained ones. A fitted base instance: always 0.
         feature_stage: backbone stage (timm feature index) the regressor reads; None = the deepest stage of the
             base's frozen backbone, or stage 3 of CADA's own backbone when the base exposes none.
         feature_size: larger feature maps are average-pooled to this size before the regressor (8: the 8 x 8
@@ -91,6 +101,7 @@ class CADA(BaseDetector):
     defaults = {"sigma": 0.0, "image_pooling": "top1"}
     constraints = {
         "target": Options(TARGETS),
+        "target_folds": Interval(0, None, integer=True, allow_none=True),
         "feature_stage": Interval(0, None, integer=True, allow_none=True),
         "feature_size": Interval(1, None, integer=True, allow_none=True),
         "hidden": POSITIVE_INT,
@@ -110,6 +121,7 @@ class CADA(BaseDetector):
         base: str | BaseDetector = "revdist",
         base_params: dict[str, Any] | None = None,
         target: str = "max",
+        target_folds: int | None = None,
         feature_stage: int | None = None,
         feature_size: int | None = 8,
         hidden: int = 256,
@@ -126,6 +138,7 @@ class CADA(BaseDetector):
         self.base = base
         self.base_params = base_params
         self.target = target
+        self.target_folds = target_folds
         self.feature_stage = feature_stage
         self.feature_size = feature_size
         self.hidden = hidden
@@ -162,6 +175,16 @@ class CADA(BaseDetector):
             values["alpha"] = PAPER_ALPHA.get(name)  # None: one standard deviation of the targets
         if values["iterations"] is None:
             values["iterations"] = PAPER_ITERATIONS.get(name, DEFAULT_ITERATIONS)
+        if values["target_folds"] == 1:
+            raise ValueError("cada: target_folds must be 0 (in-sample targets) or at least 2 folds, got 1")
+        if isinstance(self.base, BaseDetector):
+            if values["target_folds"]:
+                raise ValueError("cada: target_folds needs copies of the base to fit; a fitted base instance "
+                                 "gives in-sample targets only (target_folds=0)")
+            values["target_folds"] = 0
+        elif values["target_folds"] is None:
+            memorises = getattr(detector_class(name), "memorises_training", False)
+            values["target_folds"] = OUT_OF_FOLD if memorises else 0
         return values
 
     def build_frozen(self, pretrained: bool) -> None:
@@ -205,7 +228,30 @@ class CADA(BaseDetector):
             self.base_.calibration_fraction = 0.0  # trained on all of these, so targets = the base's training maps
             self.base_.fit(images)
         self._attach_reader()
-        return collect_alignment_data(self.base_, self.reader_, images, self.batch_size, self.progress)
+        folds = self.resolved_.target_folds
+        if not folds or len(images) < folds:
+            return collect_alignment_data(self.base_, self.reader_, images, self.batch_size, self.progress)
+        return self._out_of_fold_data(images, folds)
+
+    def _out_of_fold_data(self, images: Any, folds: int) -> AlignmentData:
+        """Alignment data whose maps come, fold by fold, from copies of the base fitted on the other folds."""
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+        moments = torch.empty(0)
+        features = torch.empty(0)
+        for k, held in enumerate(order.chunk(folds)):
+            rest = torch.cat([part for j, part in enumerate(order.chunk(folds)) if j != k])
+            fold_base = self.base_.clone()
+            fold_base.progress = self.progress
+            fold_base.fit(Subset(images, sorted(rest.tolist())))
+            held = held.sort().values
+            part = collect_alignment_data(fold_base, self.reader_, Subset(images, held.tolist()), self.batch_size,
+                                          self.progress)
+            if k == 0:
+                moments = part.moments.new_empty(len(images), *part.moments.shape[1:])
+                features = part.features.new_empty(len(images), *part.features.shape[1:])
+            moments[held], features[held] = part.moments, part.features
+            del fold_base
+        return AlignmentData(moments, features, self.reader_.stage)
 
     def train_features(self, data: AlignmentData) -> None:
         """Train the regressor on alignment data collected from the base's training maps (see ``extract``)."""
@@ -317,15 +363,16 @@ class CADA(BaseDetector):
             return empty, empty
         return concat_scores(raw_parts), concat_scores(aligned_parts)
 
-    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None) -> Calibration:
+    def calibrate(self, normal_images: Any, target_far: float | None = None, source: str | None = None,
+                  groups: Any = None) -> Calibration:
         """One threshold on the ALIGNED scores of these normal images (``calibration_``), and the base's on its
         raw scores of the same images (``base_.calibration_``, for comparison), in one pass."""
         self._check_fitted()
         far = self.target_far if target_far is None else target_far
         source = source or "calibrate() on given images"
         raw, aligned = self.score_with_base(normal_images)
-        self.base_.calibration_ = Calibration.from_normal_scores(raw.image_scores, far, source)
-        self.calibration_ = Calibration.from_normal_scores(aligned.image_scores, far, source)
+        self.base_.calibration_ = Calibration.from_normal_scores(raw.image_scores, far, source, groups)
+        self.calibration_ = Calibration.from_normal_scores(aligned.image_scores, far, source, groups)
         return self.calibration_
 
     # ----------------------------------------------------------------- export

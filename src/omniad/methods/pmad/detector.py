@@ -98,6 +98,9 @@ class PMAD(BaseDetector):
     # settings small enough for the contract test on the tiny synthetic set (seconds on a 2-core CPU)
     test_params: dict[str, Any] = dict(preset="cpu", patch_size=8, num_tokens=32, embed_dim=32, num_heads=2, epochs=4,
                                        num_prototypes=64, train_batch_size=8)
+    # 4 epochs on 22 images rank the tiny set's defects above its normals, not well: image AUROC 0.58-0.73 over
+    # seeds 0-2 and the two hold-outs (random, stratified), offline weights, measured when the hold-out changed
+    test_min_auroc = 0.6
     presets = PRESETS
     defaults = {"sigma": 4.0, "image_pooling": "top1"}
     constraints = {
