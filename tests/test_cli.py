@@ -200,6 +200,7 @@ def test_fit_reports_the_files_it_cannot_use(synthetic_root, tmp_path, capsys):
     assert f"{good / 'notes.txt'}: not an image file name" in err
     assert f"on {len(list(good.glob('[0-9]*.png')))} normal images" in err
     assert "calibrated threshold" in err and "set on" in err
+    assert "held-out normals flagged, per cluster of the training images: #" in err  # each cluster's rate
 
 
 def test_fit_without_calibration_says_so(synthetic_root, tmp_path, capsys):

@@ -81,7 +81,10 @@ def check_parity(detector: BaseDetector, file: Path, images: torch.Tensor) -> No
     expected = detector.score(images)
     model = ExportedDetector.load(file)
     got = model.score(images)
-    torch.testing.assert_close(got.image_scores, expected.image_scores, rtol=RTOL, atol=0)
+    # a score near 0 (CADA's aligned scores are (map - u) / spread) is compared at the scale of the scores, as
+    # maps are and as export's own parity check does: its float32 rounding is that of the terms, not of the result
+    score_scale = float(expected.image_scores.abs().max())
+    torch.testing.assert_close(got.image_scores, expected.image_scores, rtol=RTOL, atol=RTOL * 1e-2 * score_scale)
     scale = float(expected.anomaly_maps.abs().max())
     torch.testing.assert_close(got.anomaly_maps, expected.anomaly_maps, rtol=RTOL, atol=RTOL * 1e-2 * scale)
     np.testing.assert_array_equal(model.decide(got.image_scores), detector.decide(expected.image_scores))
