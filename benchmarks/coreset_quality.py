@@ -3,7 +3,8 @@ patch against the chunked search (``omniad.coreset``) at several chunk sizes, ov
 
 The setting of ``benchmarks/speed.py`` (the README's speed table): for each real type, ``--max-train`` training
 images (the same seed-0 sample), lite0 offline weights, 256 px, coreset ratio 1%, the paper's image score, each seed
-holding out its own 10% of them as ``fit`` does; ``--unified`` adds one model for both types' samples together.
+holding out its own random 10% of them (``fit`` now draws its 10% per cluster; the searches compared here see
+the same images either way); ``--unified`` adds one model for both types' samples together.
 The backbone features are computed once per image set and shared by every variant (the backbone is frozen), so the
 variants differ in their memory bank alone. Per model: image AUROC and AU-PRO per type and their mean, the
 fit's wall time (the coreset search on cached features) and the bank size.
@@ -128,7 +129,7 @@ def main() -> None:
         truth = tuple(np.concatenate([sets[c]["truth"][k] for c in cats]) if k else
                       sum((sets[c]["truth"][0] for c in cats), []) for k in range(3))
         for seed in range(args.seeds):
-            # the images fit() would train on with this seed (10% held out)
+            # a seeded random 10% held out, the same for every variant
             kept, _ = split_holdout(torch.utils.data.TensorDataset(torch.arange(len(train_feats))), 0.1, seed)
             keep = torch.tensor(kept.indices)
             for name, params in variants.items():

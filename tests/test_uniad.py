@@ -157,9 +157,9 @@ def test_fit_equals_extract_plus_fit_features_and_save_load_keeps_scores(tmp_pat
     assert len(detector.loss_history_) == TINY["epochs"]
 
     other = create_detector("uniad", **{**TINY, "calibration_fraction": 0})
-    from omniad.data.sources import as_image_dataset, split_holdout
+    from omniad.data.sources import as_image_dataset
 
-    kept, _ = split_holdout(as_image_dataset(train), TINY["calibration_fraction"], TINY["seed"])
+    kept, _, _ = detector.split_calibration(as_image_dataset(train))  # the fit's hold-out (its frozen backbone)
     seen = []
     other.fit_features(other.extract(kept), epoch_callback=lambda epoch, loss: seen.append((epoch, loss)))
     assert [e for e, _ in seen] == list(range(TINY["epochs"]))
