@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from omniad.cli import main
+from omniad.cli import build_parser, main
 
 TINY = ["--weights", "random", "--image-size", "64", "--device", "cpu", "--no-progress", "--batch-size", "8"]
 
@@ -208,3 +208,17 @@ def test_fit_without_calibration_says_so(synthetic_root, tmp_path, capsys):
                  "--train-categories", "weave", "--calibration-fraction", "0", "--out", str(tmp_path / "m")]) == 0
     err = capsys.readouterr().err
     assert "no calibrated threshold" in err and "nan" not in err
+
+
+def test_fit_without_a_method_fits_the_default_recipe_and_options_win(synthetic_root, tmp_path, capsys):
+    from omniad import load_detector
+    from omniad.cli import DEFAULT_RECIPE
+
+    assert main(["fit", "--data", str(synthetic_root), *TINY, "--train-categories", "weave,granite",
+                 "--iterations", "20", "--out", str(tmp_path / "m")]) == 0
+    assert "method: cada over padim (the default" in capsys.readouterr().err
+    params = load_detector(tmp_path / "m").get_params()
+    assert (params["base"], params["iterations"]) == (DEFAULT_RECIPE["base"], 20)  # the recipe, then the options
+    parser, _ = build_parser("fit", "cada")
+    explicit = parser.parse_args(["fit", "--data", "x", "--method", "cada", "--out", "y"])
+    assert explicit.method == "cada" and explicit.base is None  # --method cada: the paper's base, no recipe
