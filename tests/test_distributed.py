@@ -18,6 +18,8 @@ COMMON = dict(weights="random", image_size=SIZE, batch_size=4, device="cpu", pro
               calibration_fraction=0.0)
 CASES = {
     "padim": dict(stages=(1, 2), n_features=12),
+    # the calibration hold-out drawn per cluster: each rank pools its shard, every rank clusters the gathered rows
+    "padim-calibrated": dict(stages=(1, 2), n_features=12, calibration_fraction=0.25, calibration_strata=2),
     # the paper's greedy search shared by the ranks (one all_gather per centre), with and without candidates
     "patchcore": dict(stages=(1, 2), coreset_ratio=0.2, projection_dim=16, coreset="greedy"),
     "patchcore-candidates": dict(stages=(1, 2), coreset_ratio=0.2, projection_dim=16, coreset="greedy",
@@ -54,7 +56,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for name, params in CASES.items():
-            detector = create_detector(_method(name), **COMMON, **params).fit(_images())
+            detector = create_detector(_method(name), **{**COMMON, **params}).fit(_images())
             detector.save(f"{folder}/{name}-rank{rank}")  # only rank 0 writes
             if name == "uniad":
                 torch.save(detector.loss_history_, f"{folder}/uniad-history-rank{rank}.pt")
@@ -77,8 +79,11 @@ def test_only_rank_zero_writes(two_process_run):
 
 @pytest.mark.parametrize("name", [case for case in CASES if case != "patchcore-chunked"])
 def test_two_processes_give_the_model_of_one(two_process_run, name):
-    one = create_detector(_method(name), **COMMON, **CASES[name]).fit(_images())
+    one = create_detector(_method(name), **{**COMMON, **CASES[name]}).fit(_images())
     two = load_detector(two_process_run / f"{name}-rank0")
+    if one.calibration_ is not None:  # the same held-out images, clusters and threshold as one process
+        assert two.calibration_.normal_groups.tolist() == one.calibration_.normal_groups.tolist()
+        assert two.calibration_.threshold == pytest.approx(one.calibration_.threshold, rel=1e-4)
     mine, theirs = one.state_tensors(), two.state_tensors()
     assert set(mine) == set(theirs)
     # the statistics and the bank differ by summation order only; a trained net's weights are compared through

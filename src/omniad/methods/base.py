@@ -340,8 +340,10 @@ class BaseDetector:
             if getattr(owner, "backbone_", None) is None:
                 owner.prepare()
         backbone = getattr(owner, "backbone_", None)
-        features = pooled_features(backbone, images, self.batch_size, getattr(owner, "device_", "cpu"))
-        return stratified_holdout(images, fraction, self.seed, features, strata)
+        # several processes: each pools its shard and every rank clusters the same gathered rows (one split)
+        local = images if world()[1] == 1 else Subset(images, shard(len(images)))
+        features = pooled_features(backbone, local, self.batch_size, getattr(owner, "device_", "cpu"))
+        return stratified_holdout(images, fraction, self.seed, gather_shards(features, len(images)), strata)
 
     def extract(self, data: Any) -> Features | FeatureStream:
         """What the method trains on: ``features`` of every image, computed once (on the CPU), or a
