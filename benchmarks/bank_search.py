@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DEFAULT_DATA
+from common import DEFAULT_DATA, summarised
 from coreset_quality import features_of, sampled_train
 
 from omniad import create_detector
@@ -87,8 +87,7 @@ def to_markdown(data: dict) -> str:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--summarise"]:
-        print(to_markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
+    if summarised(to_markdown):
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)

@@ -3,8 +3,10 @@ scores computed earlier (from a feature cache, or several score variants of one 
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,14 @@ def scored_set(samples: Sequence[Sample], scores: AnomalyScores, pixels: bool = 
         [s.path for s in samples],
         score_seconds,
     )
+
+
+def summarised(to_markdown: Callable[[dict], str]) -> bool:
+    """``--summarise FILE`` on the command line: print the table of that results file instead of running (True)."""
+    if sys.argv[1:2] != ["--summarise"]:
+        return False
+    print(to_markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
+    return True
 
 
 def pct(value: Any) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from common import DEFAULT_DATA
+from common import DEFAULT_DATA, summarised
 from coreset_quality import sampled_train
 from torch.utils.data import ConcatDataset
 
@@ -93,8 +93,7 @@ def to_markdown(data: dict) -> str:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--summarise"]:
-        print(to_markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
+    if summarised(to_markdown):
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
