@@ -55,7 +55,8 @@ class CADA(BaseDetector):
 
     ``create_detector("cada", base="revdist", base_params={"preset": "cpu"})``. ``fit(data)`` holds out
     ``calibration_fraction`` of the images first, fits the base on the rest (the base itself holds nothing out),
-    computes the alignment targets from the base's maps of exactly those training images, trains the regressor,
+    computes the alignment targets from the base's maps of exactly those training images (out of fold for a base
+    that memorises them: ``target_folds``), trains the regressor,
     then calibrates one threshold on the ALIGNED scores of the held-out normals (and the base's own threshold on
     its raw scores of the same images, ``base_.calibration_``, for comparison).
 
