@@ -39,6 +39,7 @@ PERMUTATIONS = [(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0)]
 METHODS = {
     "patchcore": ("patchcore", {"coreset_ratio": 0.01}),
     "patchcore-greedy": ("patchcore", {"coreset_ratio": 0.01, "coreset": "greedy"}),
+    "patchcore-ivf": ("patchcore", {"coreset_ratio": 0.01, "search": "ivf"}),
     "padim": ("padim", {}),
     "cada-padim": ("cada", {"base": "padim", "iterations": 300}),
     "cada-patchcore": ("cada", {"base": "patchcore", "base_params": {"coreset_ratio": 0.01}, "iterations": 300}),
