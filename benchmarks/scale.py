@@ -43,8 +43,6 @@ METHODS = {
     "padim": ("padim", {}),
     "cada-padim": ("cada", {"base": "padim", "iterations": 300}),
     "cada-patchcore": ("cada", {"base": "patchcore", "base_params": {"coreset_ratio": 0.01}, "iterations": 300}),
-    "cada-patchcore-capped": ("cada", {"base": "patchcore", "base_params": {"coreset_ratio": 0.01}, "iterations": 300,
-                                       "target_images": 1000}),
     "uniad": ("uniad", {"preset": "cpu"}),
     "mkd": ("mkd", {"preset": "cpu"}),
 }

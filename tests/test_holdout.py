@@ -129,23 +129,3 @@ def test_out_of_fold_maps_are_those_of_new_normals_not_of_memorised_ones():
     # the base that scores is fitted on every image either way, and the same features are read
     torch.testing.assert_close(out_of_fold.base_.score(new).image_scores, in_sample.base_.score(new).image_scores)
     torch.testing.assert_close(folds.features, own.features)
-
-
-def test_a_target_cap_takes_a_seeded_share_and_fits_each_fold_on_every_other_image(monkeypatch):
-    from omniad.methods.padim import PaDiM
-
-    images = (0.5 + 0.1 * torch.rand(24, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    every = _cada(target_folds=0).extract(images)
-    capped = _cada(target_folds=0, target_images=10)
-    data = capped.extract(images)
-    chosen = torch.randperm(24, generator=torch.Generator().manual_seed(0))[:10].sort().values  # seed 0's choice
-    assert len(data) == 10
-    torch.testing.assert_close(data.moments, every.moments[chosen], rtol=1e-5, atol=1e-5)  # the chosen images' maps
-    sizes = []
-    fit = PaDiM.fit
-    monkeypatch.setattr(PaDiM, "fit", lambda self, d: sizes.append(len(d)) or fit(self, d))
-    folded = _cada(target_folds=2, target_images=10).extract(images)
-    assert len(folded) == 10 and sizes == [24, 19, 19]  # the base on all; each fold's copy on all but 5 targets
-    assert not torch.allclose(folded.moments, data.moments)  # out of fold: other maps of the same images
-    with pytest.raises(ValueError, match="target_images must be"):
-        _cada(target_images=0).resolved_params()

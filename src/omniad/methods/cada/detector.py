@@ -79,11 +79,6 @@ class CADA(BaseDetector):
             PaDiM's Gaussians, with few images per feature dimension, fit them exactly) maps them flatter than
             any new normal image, so in-sample targets understate the spread CADA divides by. None: 2 for such
             bases (``memorises_training``), 0 for the trained ones. A fitted base instance: always 0.
-        target_images: at most this many training images give targets (a seeded random choice; None: every one,
-            the paper's). A setting for long lines: the target pass scores each target image with the base, and a
-            PatchCore base's cost per image grows with its bank, so N targets cost N x bank (quadratic in the
-            line); a cap makes it linear. Out of fold, a target's copy of the base is fitted on every image but
-            its fold's targets.
         feature_stage: backbone stage (timm feature index) the regressor reads; None = the deepest stage of the
             base's frozen backbone, or stage 3 of CADA's own backbone when the base exposes none.
         feature_size: larger feature maps are average-pooled to this size before the regressor (8: the 8 x 8
@@ -108,7 +103,6 @@ class CADA(BaseDetector):
     constraints = {
         "target": Options(TARGETS),
         "target_folds": Interval(0, None, integer=True, allow_none=True),
-        "target_images": Interval(1, None, integer=True, allow_none=True),
         "feature_stage": Interval(0, None, integer=True, allow_none=True),
         "feature_size": Interval(1, None, integer=True, allow_none=True),
         "hidden": POSITIVE_INT,
@@ -129,7 +123,6 @@ class CADA(BaseDetector):
         base_params: dict[str, Any] | None = None,
         target: str = "max",
         target_folds: int | None = None,
-        target_images: int | None = None,
         feature_stage: int | None = None,
         feature_size: int | None = 8,
         hidden: int = 256,
@@ -147,7 +140,6 @@ class CADA(BaseDetector):
         self.base_params = base_params
         self.target = target
         self.target_folds = target_folds
-        self.target_images = target_images
         self.feature_stage = feature_stage
         self.feature_size = feature_size
         self.hidden = hidden
@@ -237,34 +229,28 @@ class CADA(BaseDetector):
             self.base_.calibration_fraction = 0.0  # trained on all of these, so targets = the base's training maps
             self.base_.fit(images)
         self._attach_reader()
-        r = self.resolved_
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
-        targets = order[: r.target_images] if r.target_images else order  # the images that give targets
-        if not r.target_folds or len(targets) < r.target_folds:
-            chosen = images if len(targets) == len(images) else Subset(images, targets.sort().values.tolist())
-            return collect_alignment_data(self.base_, self.reader_, chosen, self.batch_size, self.progress)
-        return self._out_of_fold_data(images, targets, r.target_folds)
+        folds = self.resolved_.target_folds
+        if not folds or len(images) < folds:
+            return collect_alignment_data(self.base_, self.reader_, images, self.batch_size, self.progress)
+        return self._out_of_fold_data(images, folds)
 
-    def _out_of_fold_data(self, images: Any, targets: Tensor, folds: int) -> AlignmentData:
-        """Alignment data of the ``targets`` (indices into ``images``, in a seeded random order that cuts the
-        folds), whose maps come fold by fold from copies of the base fitted on every image but that fold's
-        targets; rows in the order of the sorted targets."""
-        position = {int(i): p for p, i in enumerate(targets.sort().values.tolist())}
+    def _out_of_fold_data(self, images: Any, folds: int) -> AlignmentData:
+        """Alignment data whose maps come, fold by fold, from copies of the base fitted on the other folds."""
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
         moments = torch.empty(0)
         features = torch.empty(0)
-        for k, held in enumerate(targets.chunk(folds)):
-            held = held.sort().values
-            out = set(held.tolist())
+        for k, held in enumerate(order.chunk(folds)):
+            rest = torch.cat([part for j, part in enumerate(order.chunk(folds)) if j != k])
             fold_base = self.base_.clone()
             fold_base.progress = self.progress
-            fold_base.fit(Subset(images, [i for i in range(len(images)) if i not in out]))
+            fold_base.fit(Subset(images, sorted(rest.tolist())))
+            held = held.sort().values
             part = collect_alignment_data(fold_base, self.reader_, Subset(images, held.tolist()), self.batch_size,
                                           self.progress)
             if k == 0:
-                moments = part.moments.new_empty(len(targets), *part.moments.shape[1:])
-                features = part.features.new_empty(len(targets), *part.features.shape[1:])
-            rows = torch.tensor([position[i] for i in held.tolist()])
-            moments[rows], features[rows] = part.moments, part.features
+                moments = part.moments.new_empty(len(images), *part.moments.shape[1:])
+                features = part.features.new_empty(len(images), *part.features.shape[1:])
+            moments[held], features[held] = part.moments, part.features
             del fold_base
         return AlignmentData(moments, features, self.reader_.stage)
 
