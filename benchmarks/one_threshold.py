@@ -43,17 +43,19 @@ BASES = {  # CPU settings (those of the speed, scale and CADA benchmarks); CADA'
 }
 
 
-def shift_images(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """The shifted-normals protocol: each image's own seeded brightness, contrast, blur and rotation."""
+def shift_images(images: torch.Tensor, seed: int, strength: float = 1.0) -> torch.Tensor:
+    """The shifted-normals protocol: each image's own seeded brightness, contrast, blur and rotation, each
+    departure from the identity scaled by ``strength`` (1: the module docstring's ranges)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for image in images:
         u = torch.rand(4, generator=g).tolist()
-        x = TF.adjust_brightness(image, 1.05 + 0.15 * u[0])
-        x = TF.adjust_contrast(x, 0.8 + 0.15 * u[1])
-        sigma = 0.5 + u[2]
-        x = TF.gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
-        x = TF.rotate(x, -4 + 8 * u[3], interpolation=TF.InterpolationMode.BILINEAR)
+        x = TF.adjust_brightness(image, 1 + strength * (0.05 + 0.15 * u[0]))
+        x = TF.adjust_contrast(x, 1 - strength * (0.05 + 0.15 * u[1]))
+        sigma = strength * (0.5 + u[2])
+        if sigma >= 0.1:
+            x = TF.gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+        x = TF.rotate(x, strength * (-4 + 8 * u[3]), interpolation=TF.InterpolationMode.BILINEAR)
         out.append(x.clamp(0, 1))
     return torch.stack(out)
 
@@ -63,32 +65,42 @@ def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[flo
     return float(flagged[labels == 0].mean()), float((~flagged[labels == 1]).mean())
 
 
-def evaluate(scores: np.ndarray, shifted: np.ndarray, labels: np.ndarray, cats: np.ndarray, threshold: float,
-             normal_cats: np.ndarray) -> dict:
+def shifted_key(strength: float) -> str:
+    return "far_shifted" if strength == 1.0 else f"far_shifted_{strength:g}"
+
+
+def evaluate(scores: np.ndarray, shifted: dict[float, np.ndarray], labels: np.ndarray, cats: np.ndarray,
+             threshold: float, normal_cats: np.ndarray) -> dict:
+    """Per type and mixed: image AUROC, false alarms and misses at ``threshold``, and the false alarms of the
+    shifted normals at each strength (``shifted``: strength -> their scores)."""
     rows = {}
     for cat in sorted(set(cats.tolist())):
         sel = cats == cat
         far, miss = rates(scores[sel], labels[sel], threshold)
-        rows[cat] = {"image_auroc": 100 * auroc(labels[sel], scores[sel]), "far": far, "miss": miss,
-                     "far_shifted": float((shifted[normal_cats == cat] > threshold).mean())}
+        rows[cat] = {"image_auroc": 100 * auroc(labels[sel], scores[sel]), "far": far, "miss": miss}
+        rows[cat].update({shifted_key(k): float((v[normal_cats == cat] > threshold).mean())
+                          for k, v in shifted.items()})
     far, miss = rates(scores, labels, threshold)
-    rows["mixed"] = {"image_auroc": 100 * auroc(labels, scores), "far": far, "miss": miss,
-                     "far_shifted": float((shifted > threshold).mean())}
-    rows["mean"] = {k: float(np.mean([rows[c][k] for c in rows if c not in ("mixed",)]))
-                    for k in ("image_auroc", "far", "miss", "far_shifted")}
+    rows["mixed"] = {"image_auroc": 100 * auroc(labels, scores), "far": far, "miss": miss}
+    rows["mixed"].update({shifted_key(k): float((v > threshold).mean()) for k, v in shifted.items()})
+    keys = list(rows["mixed"])
+    rows["mean"] = {k: float(np.mean([rows[c][k] for c in rows if c != "mixed"])) for k in keys}
     return rows
 
 
 def to_markdown(data: dict) -> str:
     meta = data["meta"]
     lines = [f"`{meta['command']}` ({meta['machine']}; load {meta['load_start']:.1f} at the start, "
-             f"{meta['load_end']:.1f} at the end; {meta['wall_seconds']:.0f} s in all). {meta['setting']}", "",
-             "| model | type | image AUROC | false alarms, clean | false alarms, shifted | misses |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"{meta['load_end']:.1f} at the end; {meta['wall_seconds']:.0f} s in all). {meta['setting']}", ""]
+    strengths = [k for k in data["models"][0]["rows"]["mixed"] if k.startswith("far_shifted")]
+    titles = ["false alarms, shifted" + ("" if k == "far_shifted" else f" x{k.rsplit('_', 1)[1]}") for k in strengths]
+    lines += ["| model | type | image AUROC | false alarms, clean | " + " | ".join(titles) + " | misses |",
+              "|---|---|---:|---:|" + "---:|" * len(strengths) + "---:|"]
     for model in data["models"]:
         for cat, r in model["rows"].items():
-            lines.append(f"| {model['name']} | {cat} | {r['image_auroc']:.1f} | {100 * r['far']:.1f}% | "
-                         f"{100 * r['far_shifted']:.1f}% | {100 * r['miss']:.1f}% |")
+            shifted = " | ".join(f"{100 * r[k]:.1f}%" for k in strengths)
+            lines.append(f"| {model['name']} | {cat} | {r['image_auroc']:.1f} | {100 * r['far']:.1f}% | {shifted} | "
+                         f"{100 * r['miss']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,6 +115,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=300, help="CADA's regressor iterations (a CPU setting)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strengths", type=float, nargs="+", default=[1.0],
+                    help="shift strengths scored (1: the docstring's ranges; 0.5: half of each departure)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "one-threshold.json")
     args = ap.parse_args()
@@ -115,7 +129,7 @@ def main() -> None:
     labels = np.array([s.label for s in samples])
     cats = np.array([s.category for s in samples])
     normals = images[labels == 0]
-    shifted = shift_images(normals, args.seed)
+    shifted = {s: shift_images(normals, args.seed, s) for s in args.strengths}
     models = []
     for base in args.bases:
         t0 = time.perf_counter()
@@ -124,11 +138,12 @@ def main() -> None:
                                progress=False).fit(train)
         fit_s = time.perf_counter() - t0
         raw, aligned = cada.score_with_base(images)
-        raw_shift, aligned_shift = cada.score_with_base(shifted)
-        for name, detector, clean, moved in ((base, cada.base_, raw, raw_shift),
-                                             (f"cada over {base}", cada, aligned, aligned_shift)):
+        moved = {s: cada.score_with_base(x) for s, x in shifted.items()}  # strength -> (raw, aligned)
+        for side, (name, detector, clean) in enumerate(((base, cada.base_, raw),
+                                                        (f"cada over {base}", cada, aligned))):
             calibration = detector.calibration_
-            rows = evaluate(clean.image_scores.double().numpy(), moved.image_scores.double().numpy(), labels, cats,
+            rows = evaluate(clean.image_scores.double().numpy(),
+                            {s: pair[side].image_scores.double().numpy() for s, pair in moved.items()}, labels, cats,
                             calibration.threshold, cats[labels == 0])
             models.append({"name": name, "fit_seconds": fit_s, "threshold": calibration.threshold,
                            "calibration": calibration.describe(), "clusters": calibration.group_rates(),
