@@ -8,7 +8,9 @@ Per type: image AUROC, and at the one threshold the false-alarm rate on clean an
 miss rate; mixed: the image AUROC over every test image of every type.
 
 The shift (``shift_images``), seeded per image: brightness x U(1.05, 1.2), contrast x U(0.8, 0.95), a Gaussian
-blur of sigma U(0.5, 1.5) px and a rotation of U(-4, 4) degrees: a lamp, a focus and a fixture that moved.
+blur of sigma U(0.5, 1.5) px and a rotation of U(-4, 4) degrees (zoomed in by |cos| + |sin| of the angle, up to
+6.7%, so that no black corner enters the image): a lamp, a focus and a fixture that moved. ``--strengths``
+scales every departure from the identity.
 
     python benchmarks/one_threshold.py --bases patchcore padim --threads 1
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -55,7 +58,12 @@ def shift_images(images: torch.Tensor, seed: int, strength: float = 1.0) -> torc
         sigma = strength * (0.5 + u[2])
         if sigma >= 0.1:
             x = TF.gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
-        x = TF.rotate(x, strength * (-4 + 8 * u[3]), interpolation=TF.InterpolationMode.BILINEAR)
+        # a camera that turned sees more of the scene, not black corners: zoom in just enough to fill them
+        angle = strength * (-4 + 8 * u[3])
+        zoom = abs(math.cos(math.radians(angle))) + abs(math.sin(math.radians(angle)))
+        h, w = x.shape[-2:]
+        x = TF.resize(x, [math.ceil(h * zoom), math.ceil(w * zoom)], antialias=True)
+        x = TF.center_crop(TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR), [h, w])
         out.append(x.clamp(0, 1))
     return torch.stack(out)
 
