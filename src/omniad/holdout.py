@@ -20,17 +20,17 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from omniad.cluster import kmeans, nearest_centres
-from omniad.data.sources import iterate_batches
+from omniad.data.sources import holdout_size, iterate_batches
 
 THUMBNAIL = 64  # px of the thumbnail whose pooled features are clustered
 
 
 @torch.no_grad()
-def pooled_features(backbone: Any, images: Dataset, batch_size: int, device: Any) -> Tensor:
+def pooled_features(backbone: Any, images: Dataset, batch_size: int, device: Any, progress: bool = False) -> Tensor:
     """(N, C) global average of the deepest stage ``backbone`` returns, over a ``THUMBNAIL`` px thumbnail of each
     image; without a backbone (a method that has none of its own), the thumbnail's 8 x 8 colour means."""
     rows = []
-    for batch in iterate_batches(images, batch_size):
+    for batch in iterate_batches(images, batch_size, progress, "hold-out thumbnails"):
         thumb = F.interpolate(batch.float(), size=(THUMBNAIL, THUMBNAIL), mode="bilinear", antialias=True,
                               align_corners=False)
         if backbone is None:
@@ -78,11 +78,9 @@ def stratified_holdout(images: Dataset, fraction: float, seed: int, features: Te
                        clusters: int) -> tuple[Dataset, Dataset | None, np.ndarray | None]:
     """(training images, held-out images or None, the held-out images' clusters or None) over ``clusters``
     k-means clusters of ``features`` (one row per image). None when too few images to hold any out."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
     n = len(images)
-    n_hold = int(round(fraction * n))
-    if fraction <= 0 or n_hold < 1 or n - n_hold < 1:
+    n_hold = holdout_size(n, fraction)
+    if not n_hold:
         return images, None, None
     if features.shape[0] != n:
         raise ValueError(f"{features.shape[0]} feature rows for {n} images")

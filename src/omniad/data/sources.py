@@ -64,13 +64,20 @@ def as_image_dataset(data: Any, image_size: Any = None) -> Dataset:
     raise TypeError(f"cannot read images from a {type(data).__name__}; pass a dataset, a list or a tensor")
 
 
-def split_holdout(images: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Split off a seeded random share ``fraction`` of the images (None when too few to hold any out)."""
+def holdout_size(n: int, fraction: float) -> int:
+    """How many of ``n`` images a held-out share ``fraction`` takes: round(fraction x n), or 0 when that is none
+    or would leave nothing to train on."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
-    n = len(images)
     n_hold = int(round(fraction * n))
-    if fraction <= 0 or n_hold < 1 or n - n_hold < 1:
+    return n_hold if fraction > 0 and 1 <= n_hold < n else 0
+
+
+def split_holdout(images: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Split off a seeded random share ``fraction`` of the images (None when too few to hold any out)."""
+    n = len(images)
+    n_hold = holdout_size(n, fraction)
+    if not n_hold:
         return images, None
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(images, sorted(order[n_hold:])), Subset(images, sorted(order[:n_hold]))

@@ -29,7 +29,7 @@ from torch.utils.data import Subset
 from omniad.backbone import Backbone
 from omniad.calibration import Calibration
 from omniad.data.images import KeepAspect, check_image_batch, letterbox, resize_image
-from omniad.data.sources import as_image_dataset, iterate_batches, split_holdout
+from omniad.data.sources import as_image_dataset, holdout_size, iterate_batches, split_holdout
 from omniad.distributed import gather_shards, is_main, shard, world
 from omniad.features import FeatureCache, Features, feature_count, feature_slice, feature_to
 from omniad.holdout import pooled_features, stratified_holdout
@@ -332,18 +332,18 @@ class BaseDetector:
         """(training images, held-out normals or None, their clusters or None): ``calibration_fraction`` of
         the images, drawn per cluster (``calibration_strata``, ``omniad.holdout``) or at random."""
         fraction, strata = self.calibration_fraction, self.calibration_strata
-        if not strata or int(round(fraction * len(images))) < 1:
+        if not strata or not holdout_size(len(images), fraction):
             return (*split_holdout(images, fraction, self.seed), None)
-        owner = self
-        if getattr(self, "backbone_", None) is None and isinstance(getattr(self, "base_", None), BaseDetector):
-            owner = self.base_  # a wrapper (CADA): its base's frozen backbone
-            if getattr(owner, "backbone_", None) is None:
-                owner.prepare()
-        backbone = getattr(owner, "backbone_", None)
+        backbone, device = self.holdout_backbone()
         # several processes: each pools its shard and every rank clusters the same gathered rows (one split)
         local = images if world()[1] == 1 else Subset(images, shard(len(images)))
-        features = pooled_features(backbone, local, self.batch_size, getattr(owner, "device_", "cpu"))
+        features = pooled_features(backbone, local, self.batch_size, device, self.progress and is_main())
         return stratified_holdout(images, fraction, self.seed, gather_shards(features, len(images)), strata)
+
+    def holdout_backbone(self) -> tuple[Backbone | None, Any]:
+        """The frozen backbone (and its device) whose pooled thumbnails cluster the training images for the
+        hold-out (``split_calibration``); None: the thumbnails' colour means."""
+        return getattr(self, "backbone_", None), getattr(self, "device_", "cpu")
 
     def extract(self, data: Any) -> Features | FeatureStream:
         """What the method trains on: ``features`` of every image, computed once (on the CPU), or a

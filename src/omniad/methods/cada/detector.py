@@ -205,6 +205,12 @@ class CADA(BaseDetector):
             common = {name: getattr(self, name) for name in SHARED_COMMON}
             self.base_ = build_base(self.base, jsonable_params(self.base_params), common)
 
+    def holdout_backbone(self) -> tuple[Backbone | None, Any]:
+        """The base's (CADA builds no backbone of its own to cluster the hold-out with)."""
+        if getattr(self.base_, "backbone_", None) is None:
+            self.base_.prepare()
+        return self.base_.holdout_backbone()
+
     def _own_backbone(self, stage: int) -> Backbone:
         weights = self.weights if getattr(self, "_pretrained", True) else "random"
         self.feature_backbone_ = Backbone(self.backbone, (stage,), weights)
@@ -239,8 +245,9 @@ class CADA(BaseDetector):
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
         moments = torch.empty(0)
         features = torch.empty(0)
-        for k, held in enumerate(order.chunk(folds)):
-            rest = torch.cat([part for j, part in enumerate(order.chunk(folds)) if j != k])
+        parts = order.chunk(folds)
+        for k, held in enumerate(parts):
+            rest = torch.cat([part for j, part in enumerate(parts) if j != k])
             fold_base = self.base_.clone()
             fold_base.progress = self.progress
             fold_base.fit(Subset(images, sorted(rest.tolist())))
