@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from omniad.data import ImageReadError
-from omniad.data.labelled import FASHION_MNIST_CLASSES, read_class_folders, read_coco, read_idx
+from omniad.data.labelled import FASHION_MNIST_CLASSES, read_class_folders, read_coco, read_idx, split_per_class
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -104,6 +104,27 @@ def test_class_folders_errors(tmp_path):
     (tmp_path / "train" / "empty").mkdir(parents=True)
     with pytest.raises(ValueError, match="empty holds no images"):
         read_class_folders(tmp_path, "train")
+
+
+def test_a_seeded_split_per_class_puts_every_image_in_one_split(tmp_path):
+    for c, cls in enumerate(("cat", "dog", "eel")):
+        folder = tmp_path / "train" / cls
+        folder.mkdir(parents=True)
+        for k in range(5):
+            Image.new("L", (3, 3), 10 * c + k).save(folder / f"{k}.png")
+    data = read_class_folders(tmp_path, "train", image_size=None)
+    train, test = split_per_class(data, test_per_class=2, seed=3)
+    assert len(train) == 9 and len(test) == 6
+    assert sorted(train.paths + test.paths) == sorted(data.paths)
+    assert test.counts() == {"cat": 2, "dog": 2, "eel": 2} and train.class_names == data.class_names
+    for split in (train, test):  # an image read through a split is its file's image
+        torch.testing.assert_close(split[1], data[data.paths.index(split.paths[1])])
+    assert split_per_class(data, 2, seed=3)[1].paths == test.paths
+    assert split_per_class(data, 2, seed=4)[1].paths != test.paths
+    with pytest.raises(ValueError, match="too few"):
+        split_per_class(data, 5)
+    with pytest.raises(ValueError, match="test_per_class"):
+        split_per_class(data, 0)
 
 
 def write_coco(root: Path, annotations: list[dict], files: tuple[str, ...] = ("a.jpg", "b.jpg", "c.jpg")) -> None:

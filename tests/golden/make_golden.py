@@ -40,7 +40,7 @@ META = HERE / "scores.json"
 IMAGE_SIZE = 64
 COMMON = dict(weights="offline", image_size=IMAGE_SIZE, batch_size=8, device="cpu", progress=False, seed=0)
 # Methods whose scores come without training (frozen backbone + statistics / nearest neighbours / mutual scoring).
-TRAINING_FREE = frozenset({"padim", "patchcore", "musc"})
+TRAINING_FREE = frozenset({"padim", "patchcore", "musc", "knn"})
 
 # Read by torch, MKL and oneDNN when they load, hence a fresh process. ATEN_CPU_CAPABILITY=default: ATen's kernels
 # compiled for baseline x86-64; MKL_CBWR=COMPATIBLE: MKL's code path that gives the same results on Intel and

@@ -270,6 +270,37 @@ def read_coco(root: PathLike, images: PathLike | None = None,
                           lambda i: read_image(paths[i]), image_size)
 
 
+def split_per_class(data: LabelledImages, test_per_class: int, seed: int = 0
+                    ) -> tuple[LabelledImages, LabelledImages]:
+    """A seeded train / test split of a labelled set that has no test split of its own (e.g. the CIFAR-10
+    training subset as class folders): ``test_per_class`` images of every label set go to the test, the rest to
+    the training split. Every image is in exactly one of the two; the split depends only on ``seed``.
+
+    Raises:
+        ValueError: ``test_per_class`` is not a whole number >= 1, or a class has no image left for training.
+    """
+    if not isinstance(test_per_class, int) or isinstance(test_per_class, bool) or test_per_class < 1:
+        raise ValueError(f"test_per_class must be a whole number >= 1, got {test_per_class!r}")
+    groups: dict[frozenset[str], list[int]] = {}
+    for i, labels in enumerate(data.labels):
+        groups.setdefault(labels, []).append(i)
+    rng = np.random.default_rng(seed)
+    test: list[int] = []
+    for labels, members in groups.items():
+        if len(members) <= test_per_class:
+            raise ValueError(f"{data.name}: {'+'.join(sorted(labels)) or '(no label)'} has {len(members)} images, "
+                             f"too few to hold out {test_per_class} for the test and train on the rest")
+        test += rng.choice(members, size=test_per_class, replace=False).tolist()
+    held = set(test)
+    train = [i for i in range(len(data)) if i not in held]
+    return _subset(data, train, "train"), _subset(data, sorted(held), "test")
+
+
+def _subset(data: LabelledImages, index: list[int], split: str) -> LabelledImages:
+    return LabelledImages(f"{data.name}, seeded {split} split", data.class_names, [data.labels[i] for i in index],
+                          [data.paths[i] for i in index], lambda k: data._load(index[k]), data.image_size)
+
+
 FORMATS = ("folders", "idx", "coco")
 
 
@@ -296,4 +327,5 @@ __all__ = [
     "read_idx",
     "read_idx_array",
     "read_labelled",
+    "split_per_class",
 ]
