@@ -167,7 +167,7 @@ def build_jobs(args: argparse.Namespace, settings: list[str]) -> list[tuple[str,
             jobs += [("uni-class", c, build_protocol("uni-class", train, test, normal=[c], **caps)) for c in classes]
         if "multi-class" in settings:
             jobs += [("multi-class", s, build_protocol("multi-class", train, test, split=s, **caps))
-                     for s in SPLITS_5V5]
+                     for s in args.splits.split(",")]
         if "leave-one-out" in settings:
             jobs += [("leave-one-out", c, build_protocol("leave-one-out", train, test, held_out=c, **caps))
                      for c in classes]
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a method parameter (YAML value), e.g. uniad.epochs=20; repeatable")
     parser.add_argument("--settings", default="uni-class,multi-class,leave-one-out,multi-object")
+    parser.add_argument("--splits", default=",".join(SPLITS_5V5),
+                        help=f"the multi-class setting's 5-vs-5 splits (default all: {','.join(SPLITS_5V5)})")
     parser.add_argument("--fashion", default=str(SHARED / "semantic" / "fashion-mnist"))
     parser.add_argument("--coco", default=str(SHARED / "multi-object" / "coco128"))
     parser.add_argument("--labelled", choices=("fashion-mnist", "cifar10"), default="fashion-mnist",
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes < 1 or args.threads < 1:
         parser.error("--processes and --threads must be at least 1")
+    unknown = [s for s in args.splits.split(",") if s not in SPLITS_5V5]
+    if unknown:
+        parser.error(f"unknown --splits {unknown}; known: {', '.join(SPLITS_5V5)}")
     torch.set_num_threads(args.threads)
 
     overrides: dict[str, dict] = {}
