@@ -152,3 +152,61 @@ def test_reports_state_the_teacher_substitution():
     backbone = describe_detector(det)["backbone"]
     assert backbone.startswith("tf_efficientnet_lite0") and "in place of the paper's" in backbone
     assert "fine-tuned by DEFEND" in backbone and "fine-tuned by DEFEND" in det.meta()["teacher"]
+
+
+# A randomly initialised timm ViT teacher: 2 of vit_tiny's blocks kept (stages=(1,): the map of block 1), 4 x 4
+# patch tokens at 64 px (the position embedding interpolated).
+VIT = dict(TINY, backbone="vit_tiny_patch16_224", stages=(1,), image_size=64)
+
+
+def _reference_cls_attention(vit, block, images_normalised):
+    """timm's own attention matrix (its unfused path: the softmax goes through ``attn_drop``), [CLS] row, patch
+    columns, mean over heads."""
+    attention = vit.blocks[block].attn
+    seen = []
+    handle = attention.attn_drop.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    fused, attention.fused_attn = attention.fused_attn, False
+    try:
+        vit.forward_features(images_normalised)
+    finally:
+        attention.fused_attn = fused
+        handle.remove()
+    return seen[0][:, :, 0, vit.num_prefix_tokens :].mean(dim=1)
+
+
+def test_a_vit_teachers_mask_is_guided_by_its_cls_attention():
+    from omniad.backbone import vision_transformer
+
+    det = create_detector("mkd", **VIT).prepare()
+    vit, block = vision_transformer(det.backbone_)
+    assert block == 1
+    images = _images(4, 64)
+    targets, attention = det.teacher_targets(images)
+    assert targets.shape == (4, 192, 4, 4) and attention.shape == (4, 16)
+    expected = _reference_cls_attention(vit, block, det.backbone_.normalize(images))
+    torch.testing.assert_close(attention, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(attention, spatial_attention(targets) / spatial_attention(targets).sum(1, keepdim=True))
+    torch.testing.assert_close(attention.sum(1) <= 1.0 + 1e-6, torch.ones(4, dtype=torch.bool))
+    # a CNN teacher keeps its spatial attention
+    cnn = create_detector("mkd", **TINY).prepare()
+    cnn_targets, cnn_attention = cnn.teacher_targets(_images(4))
+    torch.testing.assert_close(cnn_attention, spatial_attention(cnn_targets))
+
+
+def test_defend_fine_tunes_a_vit_teachers_last_blocks_on_its_patch_tokens(tmp_path):
+    det = create_detector("mkd", **VIT, defend=True, defend_lr=1e-2, head_lr=1e-2)
+    det.prepare()
+    blocks = last_blocks(det.backbone_.model, 2)
+    tuned = {id(p) for block in blocks for p in block.parameters()}
+    names_tuned = {n for n, p in det.backbone_.named_parameters() if id(p) in tuned}
+    assert names_tuned and all(".blocks." in n for n in names_tuned)
+    images = _images(8, 64)
+    before = {k: v.clone() for k, v in det.backbone_.state_dict().items()}
+    det.fine_tune_teacher(images)
+    after = det.backbone_.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= names_tuned
+    det.fit(images)
+    assert "ViT teacher" in det.meta()["teacher"]
+    det.save(tmp_path / "m")
+    torch.testing.assert_close(load_detector(tmp_path / "m").score(images).image_scores, det.score(images).image_scores)

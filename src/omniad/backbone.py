@@ -38,6 +38,8 @@ class Backbone(nn.Module):
         self.stages = tuple(int(s) for s in stages)
         source, self.weights_source = resolve_weights(name, weights)
         kwargs = dict(features_only=True, out_indices=self.stages)
+        if "vit" in name:  # a ViT takes any multiple of its patch size (its position embedding interpolated)
+            kwargs["dynamic_img_size"] = True
         if isinstance(source, str):
             # a checkpoint from timm's hub cache: timm loads it itself, so its checkpoint filters apply;
             # source=None makes timm read the file even for a model whose config says "hf-hub".
@@ -94,11 +96,24 @@ class Backbone(nn.Module):
         return [f.contiguous() for f in self.model(x)]
 
 
+def vision_transformer(backbone: Backbone) -> tuple[nn.Module, int] | None:
+    """(the timm ViT, index of the block whose tokens are the last returned map) when the backbone is a ViT with
+    a [CLS] token, else None."""
+    inner = getattr(backbone.model, "model", backbone.model)
+    last = backbone.model.feature_info.module_name()[-1]
+    if getattr(inner, "cls_token", None) is None or not last.startswith("blocks."):
+        return None
+    return inner, int(last.split(".")[1])
+
+
 def _load_features(model: nn.Module, state: dict[str, Tensor], name: str) -> None:
     """Load a full-model (or features-only) state dict into a features-only model; every feature tensor must
     be present with the right shape (the classifier and head may be missing or extra)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
+    if missing and all(k.startswith("model.") for k in own):  # timm wraps a ViT extractor: its keys under "model."
+        state = {f"model.{k}": v for k, v in state.items()}
+        missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(
             f"the weights given for {name!r} lack {len(missing)} of its feature tensors (first: "

@@ -141,10 +141,11 @@ def dense_loss(image_sims: Tensor, crop_sims: Tensor, boxes: Tensor, temperature
 
 def last_blocks(model: nn.Module, count: int) -> list[nn.Module]:
     """The last ``count`` residual blocks that a timm feature extractor runs up to its last returned map, in
-    order: the blocks inside the stages of ``model.blocks`` (EfficientNet, MobileNet) or of ``layer1..4``
-    (ResNet). timm's EfficientNet extractors keep (and run) the stages after the last returned one, which do not
-    shape it: they are not counted."""
+    order: the blocks inside the stages of ``model.blocks`` (EfficientNet, MobileNet), the transformer blocks of a
+    ViT, or those of ``layer1..4`` (ResNet). timm's EfficientNet extractors keep (and run) the stages after the
+    last returned one, which do not shape it: they are not counted."""
     last = model.feature_info.module_name()[-1]  # e.g. "blocks.4" or "layer3"
+    model = getattr(model, "model", model)  # timm wraps a ViT extractor (FeatureGetterNet): its blocks are inside
     if hasattr(model, "blocks"):
         stop = int(last.split(".")[1]) + 1 if last.startswith("blocks.") else 0
         stages = list(model.blocks)[:stop]

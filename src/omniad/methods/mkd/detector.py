@@ -5,14 +5,17 @@ Fit: (``defend=True``) the teacher's last two blocks are fine-tuned on the norma
 self-supervised loss (``defend.py``); then the teacher, frozen, gives its last feature map of every training
 image once, and a randomly initialised ViT student, whose patch grid is the teacher's feature grid, learns to
 predict those L2-normalised features from the image with half of its patches hidden (guided by the teacher's
-spatial attention, or at random: ``masking.py``). Score: the same squared error on the full image, a map on the
-teacher's grid (up-sampled and smoothed by the base); the image score is its mean (``image_pooling="mean"``,
-the paper's), or "top1" for defects.
+[CLS] attention, a CNN's spatial attention, or at random: ``masking.py``). Score: the same squared error on the
+full image, a map on the teacher's grid (up-sampled and smoothed by the base); the image score is its mean
+(``image_pooling="mean"``, the paper's), or "top1" for defects.
 
-Substitution: the paper's teacher is a ViT pretrained on ImageNet-21k; no ViT weights are available here, so the
-teacher is the project's frozen CNN ``Backbone`` (EfficientNet-Lite with offline ImageNet weights by default), its
-"last layer" the last returned stage, its "last two blocks" the last two residual blocks before that stage, and
-its [CLS] attention replaced by the attention-transfer map of that stage (``masking.py``).
+The teacher is the project's frozen ``Backbone``. A timm ViT (``backbone="vit_..."`` with ``weights=FILE``; set
+``stages`` to the index of its last block) is the paper's teacher: its patch tokens are the distilled map, its
+[CLS] attention guides the mask and DEFEND fine-tunes its last transformer blocks. Substitution by default: the
+paper's teacher is pretrained on ImageNet-21k and no ViT weights are available here, so the default teacher is a
+CNN (EfficientNet-Lite with offline ImageNet weights), its "last layer" the last returned stage, its "last two
+blocks" the last two residual blocks before that stage, and its [CLS] attention replaced by the attention-transfer
+map of that stage (``masking.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from omniad.backbone import vision_transformer
 from omniad.distributed import is_main, world
 from omniad.methods.base import BaseDetector
 from omniad.methods.mkd.defend import DefendNet, crop_resize, dense_loss, last_blocks, random_boxes
-from omniad.methods.mkd.masking import MASKINGS, guided_mask, random_mask, spatial_attention
+from omniad.methods.mkd.masking import MASKINGS, ClsAttention, guided_mask, random_mask, spatial_attention
 from omniad.methods.mkd.network import MaskedStudent, discrepancy
 from omniad.params import POSITIVE_INT, Each, Interval, Options
 from omniad.registry import register_detector
@@ -47,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 train_batch_size=32, lr=1e-3),
 }
 TEACHER_NOTE = "CNN teacher in place of the paper's ImageNet-21k ViT (no ViT weights here)"
+VIT_NOTE = "ViT teacher, [CLS]-attention guided masking (the paper's)"
 
 
 @register_detector("mkd")
@@ -207,7 +212,8 @@ class MKD(BaseDetector):
     def backbone_note(self) -> str:
         """What reports print beside the backbone's name: the substitution, and whether DEFEND tuned it."""
         tuned = f"; last {self.resolved_.defend_blocks} blocks fine-tuned by DEFEND" if self.resolved_.defend else ""
-        return TEACHER_NOTE + tuned
+        kind = VIT_NOTE if vision_transformer(self.backbone_) is not None else TEACHER_NOTE
+        return kind + tuned
 
     def build_frozen(self, pretrained: bool) -> None:
         super().build_frozen(pretrained)
@@ -244,11 +250,25 @@ class MKD(BaseDetector):
         if r.defend:
             self.fine_tune_teacher(images)
         with torch.no_grad():
-            targets = torch.cat([
-                self.teacher_features(chunk.to(self.device_)).float().cpu() for chunk in images.split(self.batch_size)
-            ])
+            targets, attention = self.teacher_targets(images)
         self.student_ = self._make_student()
-        self.loss_history_ = self._distil(images, targets)
+        self.loss_history_ = self._distil(images, targets, attention if r.masking == "guided" else None)
+
+    def teacher_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, C, h, w) teacher maps of ``images`` (on the CPU) and (N, h * w) the attention that guides the mask:
+        a ViT teacher's [CLS] attention in the block of the distilled map (the paper's), else the CNN's spatial
+        attention of that map (``masking.py``)."""
+        vit = vision_transformer(self.backbone_)
+        targets, attention = [], []
+        for chunk in images.split(self.batch_size):
+            if vit is None:
+                targets.append(self.teacher_features(chunk.to(self.device_)).float().cpu())
+                attention.append(spatial_attention(targets[-1]))
+                continue
+            with ClsAttention(*vit) as recorder:
+                targets.append(self.teacher_features(chunk.to(self.device_)).float().cpu())
+            attention.append(recorder.maps[0].float().cpu())
+        return torch.cat(targets), torch.cat(attention)
 
     def crop_pixels(self) -> int:
         """Side of DEFEND's crops: ``crop_size``, or the paper's 96 / 224 of the image on whole teacher cells."""
@@ -294,11 +314,10 @@ class MKD(BaseDetector):
             self.backbone_.eval()
         return self.defend_history_
 
-    def _distil(self, images: Tensor, targets: Tensor) -> list[float]:
+    def _distil(self, images: Tensor, targets: Tensor, attention: Tensor | None) -> list[float]:
         r = self.resolved_
         n = images.shape[0]
         batch = min(r.train_batch_size, n)
-        attention = spatial_attention(targets) if r.masking == "guided" else None
         optimizer = torch.optim.AdamW(self.student_.parameters(), lr=r.lr, weight_decay=r.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
         patches = self.student_.num_patches
