@@ -189,3 +189,25 @@ def test_a_protocol_run_reports_the_class_folder_entries_it_did_not_use(tmp_path
                  "--normal-classes", "cat", "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "1 entries of the train folders are not used" in err and "notes.txt" in err
+
+
+def test_a_protocol_on_class_folders_without_a_test_split_holds_out_images_per_class(tmp_path, capsys):
+    from omniad.cli import main
+    from omniad.data.novelty import load_protocol
+
+    for cls in ("cat", "dog", "eel"):
+        folder = tmp_path / "train" / cls
+        folder.mkdir(parents=True)
+        for k in range(6):
+            Image.new("RGB", (32, 32), (30 * k, 40 * (cls == "dog"), 90)).save(folder / f"{k}.png")
+    with pytest.raises(FileNotFoundError, match="--test-per-class"):
+        load_protocol("folders", str(tmp_path), "multi-class", 32, normal=["cat", "dog"])
+    protocol = load_protocol("folders", str(tmp_path), "multi-class", 32, normal=["cat", "dog"], test_per_class=2)
+    assert protocol.setting.n_train == 8  # 4 of each normal class left for training
+    assert (protocol.setting.n_test_normal, protocol.setting.n_test_anomalous) == (4, 2)
+    train_files = {protocol.train.dataset.paths[i] for i in protocol.train.indices}
+    test_files = {protocol.test.images.paths[i] for i in protocol.test.index}
+    assert not train_files & test_files
+    assert main(["run", "--method", "knn", "--weights", "random", "--image-size", "32", "--no-progress",
+                 "--data-format", "folders", "--data", str(tmp_path), "--protocol", "uni-class",
+                 "--normal-classes", "cat", "--test-per-class", "2", "--out", str(tmp_path / "out")]) == 0

@@ -131,6 +131,9 @@ def add_novelty_options(parser: argparse.ArgumentParser) -> None:
                             "0: every image); the report states it")
     group.add_argument("--max-test-per-class", type=int, metavar="N", default=50,
                        help="at most N test images per class, seeded (default 50; 0: every image)")
+    group.add_argument("--test-per-class", type=int, metavar="N",
+                       help="folders / idx without a test split: hold out N images of each class (seeded by "
+                            "--subsample-seed) from the training split for the test")
     group.add_argument("--test-fraction", type=float, default=0.5,
                        help="coco: share of the normal images held out for the test (default 0.5)")
     group.add_argument("--subsample-seed", type=int, default=0, help="seed of the subsamples and hold-out (default 0)")
@@ -152,7 +155,8 @@ def _novelty(args: argparse.Namespace, image_size: int):
     return load_protocol(args.data_format, args.data[0], args.protocol, image_size,
                          normal=_categories(args.normal_classes), split=args.split, held_out=args.held_out,
                          max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
-                         test_fraction=args.test_fraction, seed=args.subsample_seed)
+                         test_fraction=args.test_fraction, seed=args.subsample_seed,
+                         test_per_class=args.test_per_class)
 
 
 def _resolve_categories(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:

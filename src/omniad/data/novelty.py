@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from omniad.data.labelled import LabelledImages, read_labelled
+from omniad.data.labelled import LabelledImages, read_labelled, split_per_class
 from omniad.types import Sample
 
 PROTOCOLS = ("uni-class", "multi-class", "leave-one-out", "multi-object")
@@ -298,7 +298,7 @@ def build_protocol(protocol: str, train: LabelledImages, test: LabelledImages | 
 
 
 def load_protocol(data_format: str, root: str, protocol: str, image_size: int | tuple[int, int] | None = 256,
-                  **options: Any) -> NoveltyProtocol:
+                  test_per_class: int | None = None, **options: Any) -> NoveltyProtocol:
     """Read a labelled set from disk and build a protocol on it: ``read_labelled`` then ``build_protocol``.
 
     Args:
@@ -307,10 +307,25 @@ def load_protocol(data_format: str, root: str, protocol: str, image_size: int | 
         root: the data folder (for COCO: the folder with ``annotations/`` and ``images/``, or the JSON file).
         protocol: one of ``PROTOCOLS``.
         image_size: side the images are resized to.
+        test_per_class: ``folders``/``idx``: make the test split from the training split instead, ``test_per_class``
+            images of each class held out (seeded by ``seed``; ``split_per_class``), for data without a test
+            split of its own (e.g. the CIFAR-10 training subset). None: read the ``test`` split.
         options: ``build_protocol``'s options (normal, split, held_out, caps, test_fraction, seed).
     """
     train = read_labelled(data_format, root, "train", image_size)
-    test = None if data_format == "coco" else read_labelled(data_format, root, "test", image_size)
+    if test_per_class is not None:
+        if data_format == "coco":
+            raise ValueError("test_per_class splits class folders or IDX files; COCO's multi-object protocol holds "
+                             "out a share of its normal images instead (test_fraction)")
+        train, test = split_per_class(train, test_per_class, options.get("seed", 0))
+    elif data_format == "coco":
+        test = None
+    else:
+        try:
+            test = read_labelled(data_format, root, "test", image_size)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; for data without a test split, hold out images of each class with "
+                                    "--test-per-class N (library: test_per_class=N)") from None
     skipped = {split: data.skipped for split, data in (("train", train), ("test", test)) if data is not None}
     return replace(build_protocol(protocol, train, test, **options), skipped=skipped)
 
