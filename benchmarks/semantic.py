@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{label} `{params}`" for label, (_, params) in specs.items()) + ".",
         "",
         *table("uni-class", f"{data_name}, uni-class (one class normal; row = the normal class)",
-               lambda r: f"{r} {fashion.get(r, '')}"),
+               lambda r: f"{r} {fashion.get(r, '')}".strip()),
         *table("multi-class", f"{data_name}, multi-class unified (5 classes normal, trained together)",
                lambda r: f"{r} {split_text[r]}"),
         *table("leave-one-out", f"{data_name}, leave-one-out (row = the anomalous class; nine normal)",
-               lambda r: f"{r} {fashion.get(r, '')}"),
+               lambda r: f"{r} {fashion.get(r, '')}".strip()),
         *table("multi-object", "COCO128, multi-object (normal = contains a person; the paper's COCO figures use "
                "full COCO and are not comparable)", lambda r: r),
         "## Cost per method (all runs above)",
