@@ -3,7 +3,8 @@
 from omniad import data as datasets  # (readers, synthetic set, protocols)
 from omniad import methods  # noqa: F401  (registers the built-in detectors)
 from omniad._version import __version__
-from omniad.export import ExportedDetector, export_detector, load_model
+from omniad.export import ExportedDetector, export_detector
+from omniad.fastpath import load_model
 from omniad.io import load_detector
 from omniad.metrics import evaluate
 from omniad.prediction import Prediction, predict

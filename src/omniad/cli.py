@@ -31,6 +31,11 @@ import yaml
 DEFAULT_METHOD = "cada"
 DEFAULT_RECIPE = {"base": "padim", "iterations": 300}
 DEMO_METHOD = "patchcore"  # the demo's: one fit of a few seconds
+# omniad.fastpath.RUNTIMES, spelt out so that parsing the command line does not import torch (a test checks them)
+RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
+RUNTIME_HELP = ("what scores a model folder: auto (default: the first of OpenVINO, onnxruntime that is installed and "
+                "whose exported graph reproduces the torch scores; the graph is built once and cached in "
+                "<model>.fast/), openvino, onnxruntime, or torch; the output states the choice")
 
 
 # ------------------------------------------------------------------ method options from the detector's signature
@@ -284,10 +289,10 @@ def cmd_run(args: argparse.Namespace, names: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from omniad.export import load_model
+    from omniad.fastpath import load_model
     from omniad.prediction import predict
 
-    detector = load_model(args.model, device=args.device)
+    detector = load_model(args.model, device=args.device, runtime=args.runtime)
     result = predict(detector, args.inputs, args.out, overlays=args.overlays, threshold=args.threshold)
     print(result.summary())
     if result.failed:
@@ -313,12 +318,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from omniad.io import load_detector
+    from omniad.quantize import quantize_model
+
+    detector = load_detector(args.model, device="cpu")
+    train = _dataset(args.data, _resolve_categories(args)[0], "train", detector.read_size)
+    _print_skipped(train.skipped, train.split)
+    print(quantize_model(detector, train, args.out, max_score_change=args.max_score_change).summary())
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from omniad.serve import create_app, load_model, require_serve_dependencies, run
 
     require_serve_dependencies()  # before the model loads: say what is missing at once
-    detector = load_model(args.model, device=args.device)
+    detector = load_model(args.model, device=args.device, runtime=args.runtime)
     print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
+    print(f"runtime: {getattr(detector, 'runtime_note', 'torch')}", file=sys.stderr)
     max_pixels = None if args.max_megapixels is None else int(args.max_megapixels * 1e6)
     app = create_app(detector, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
                      max_pixels=max_pixels)
@@ -407,6 +424,7 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
                    help="write a heatmap overlay PNG per image, overlays/<path relative to the inputs' common "
                         "folder>.png, e.g. overlays/sub/x.jpg.png (default: on)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
 
     p = sub.add_parser("export", help="write a model's whole scoring path to one ONNX or OpenVINO file")
     p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
@@ -418,12 +436,22 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check that the file gives the torch model's scores on probe images (default: on)")
     p.add_argument("--device", default="cpu", help="device the model is loaded on to be traced (default: cpu)")
+    p = sub.add_parser("quantize", help="write an INT8 OpenVINO graph of a model, calibrated on its held-out normals")
+    p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
+    p.add_argument("--out", required=True, help="the .xml to write (+ its .bin)")
+    # default: omniad.quantize.DEFAULT_MAX_SCORE_CHANGE (a test checks)
+    p.add_argument("--max-score-change", type=float, default=0.25,
+                   help="refuse the INT8 graph when a held-out normal image's score moves by more than this share "
+                        "of the float32 threshold (default 0.25)")
+    add_data_options(p, train=True, test=False)
+
     p = sub.add_parser("serve", help="serve a model over HTTP: POST /predict, GET /model, GET /health, a page at /")
     p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--max-upload-mb", type=float, default=32.0,
                    help="largest request body in MiB; bigger uploads get 413 (default 32)")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one request (default 32)")
@@ -497,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         _join_processes(args)
         started = time.perf_counter()
         with_names = {"fit": cmd_fit, "run": cmd_run}  # the commands that take the method's option names
-        plain = {"eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+        plain = {"eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "quantize": cmd_quantize,
+                 "serve": cmd_serve,
                  "calibrate": cmd_calibrate, "adapt": cmd_adapt, "list": cmd_list, "demo": cmd_demo}
         if args.command in with_names:
             code = with_names[args.command](args, names)

@@ -50,7 +50,7 @@ from omniad.types import AnomalyScores
 
 FORMATS = ("onnx", "openvino")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
-EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino"}
+EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "int8"}
 EXPORT_FORMAT = "omniad-exported-detector"
 EXPORT_FORMAT_VERSION = 1
 METADATA_KEY = "omniad"
@@ -407,15 +407,18 @@ class ExportedDetector:
         weights: where the backbone's weights came from; seed: the fit's seed (both for reports).
         calibration_: the model's ``Calibration`` (None when it had none).
         progress: show progress bars in ``omniad.predict`` (default False).
+        runtime_note: one line on what scores (runtime, precision, file), stated in ``omniad.predict``'s output.
     """
 
     # reader threads ``omniad.predict`` uses by default: unlike torch's, the runtimes' thread pools tolerate them
     # (measured, kolektor's 150 files, 2 cores: PaDiM 56 -> 63 and PatchCore 51-57 -> 67-72 images/s with 2)
     default_readers = 2
 
-    def __init__(self, path: Path, runtime: Any, metadata: dict[str, Any], calibration: Calibration | None) -> None:
+    def __init__(self, path: Path, runtime: Any, metadata: dict[str, Any], calibration: Calibration | None,
+                 precision: str = "f32") -> None:
         self.path = path
         self.format = "onnx" if path.suffix.lower() == ".onnx" else "openvino"
+        self.runtime_note = f"{'onnxruntime' if self.format == 'onnx' else 'openvino'} {precision} ({path})"
         self.runtime = runtime
         self.metadata = metadata
         self.name: str = metadata["method"]
@@ -464,7 +467,7 @@ class ExportedDetector:
         _check_signature(runtime, metadata, file)
         saved = metadata.get("calibration")
         calibration = None if saved is None else _calibration(saved, metadata.get("threshold"), file)
-        return cls(file, runtime, metadata, calibration)
+        return cls(file, runtime, metadata, calibration, precision if suffix == ".xml" else "f32")
 
     # ----------------------------------------------------------------- the scoring interface
     def preprocess(self, images: Any) -> Tensor:
@@ -578,7 +581,8 @@ def _calibration(saved: Any, threshold: Any, file: Path) -> Calibration:
 
 def load_model(path: str | os.PathLike, device: str | None = None) -> Any:
     """A model from any file omniad writes: a bundle folder (``omniad fit``) gives the torch detector, a ``.onnx``
-    or OpenVINO ``.xml`` file (``omniad export``) an ``ExportedDetector``. Both score and predict alike.
+    or OpenVINO ``.xml`` file (``omniad export``) an ``ExportedDetector``. Both score and predict alike. (With a
+    runtime to choose: ``omniad.fastpath.load_model``, which ``omniad.load_model`` is.)
 
     Raises:
         BundleError: not a model (``ExportedModelError`` for exported files), naming the path.

@@ -91,6 +91,8 @@ class Prediction:
         out: the output folder, or None when nothing was written.
         alarm_check: the run's alarm count tested against the calibrated false-alarm rate
             (``omniad.monitor``); None without a calibrated rate.
+        runtime: what scored the images (the model's ``runtime_note``: torch, or an exported graph's runtime,
+            precision and file).
     """
 
     results: list[PredictedImage]
@@ -103,6 +105,7 @@ class Prediction:
     out: Path | None = None
     image_size: int | list[int] | None = field(default=None)
     alarm_check: AlarmCheck | None = None
+    runtime: str = "torch"
 
     @property
     def scores(self) -> np.ndarray:
@@ -127,6 +130,7 @@ class Prediction:
         return {
             "method": self.method,
             "image_size": self.image_size,
+            "runtime": self.runtime,
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "calibration": None if self.calibration is None else self.calibration.describe(),
@@ -141,7 +145,8 @@ class Prediction:
 
     def summary(self) -> str:
         """A few lines for people: counts, the threshold and its source, every file that failed."""
-        lines = [f"{len(self.results)} images scored with {self.method}; " + self._decision_line()]
+        lines = [f"{len(self.results)} images scored with {self.method}; " + self._decision_line(),
+                 f"runtime: {self.runtime}"]
         if self.alarm_check is not None and self.alarm_check.departed:
             lines.append(self.alarm_check.message())
         if self.out is not None:
@@ -443,6 +448,7 @@ def predict(
         out=out_path,
         image_size=_jsonable_size(detector.image_size),
         alarm_check=alarm_check,
+        runtime=getattr(detector, "runtime_note", "torch"),
     )
     if out_path is not None and is_main():
         write_results(prediction, out_path)

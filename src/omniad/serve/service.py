@@ -32,17 +32,19 @@ from omniad.report import overlay_heatmap, overlay_scale
 _SCORE_TAIL = ("sigma", "image_pooling", "top_fraction", "pool_kernel")
 
 
-def load_model(path: str | os.PathLike, device: str | None = None) -> Any:
+def load_model(path: str | os.PathLike, device: str | None = None, runtime: str | None = None) -> Any:
     """The model the service runs: the one place the service loads a model (the CLI and the benchmark call it).
 
     Args:
         path: a model folder written by ``omniad fit`` / ``detector.save``, or a file written by ``omniad export``
             (.onnx, or OpenVINO's .xml): the service runs on torch or on the exported file alike.
         device: override the saved device choice ("cpu", "cuda", ...).
+        runtime: for a model folder, what scores it ("auto", "openvino", "onnxruntime", "torch"; see
+            ``omniad.fastpath``); None: the torch detector. ``omniad serve`` passes "auto" by default.
     """
-    from omniad.export import load_model as load_any_model
+    from omniad.fastpath import load_model as load_any_model
 
-    return load_any_model(path, device=device)
+    return load_any_model(path, device=device, runtime=runtime)
 
 
 class ServeError(ValueError):
@@ -71,6 +73,7 @@ def model_info(detector: Any) -> dict[str, Any]:
         "model_class": f"{type(detector).__module__}.{type(detector).__qualname__}",
         "backbone": getattr(detector, "backbone", None),
         "image_size": int(detector.image_size),
+        "runtime": getattr(detector, "runtime_note", "torch"),
         "batch_size": int(getattr(detector, "batch_size", 1) or 1),
         "threshold": None if calibration is None else calibration.threshold,
         "target_far": None if calibration is None else calibration.target_far,
