@@ -43,6 +43,21 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_dataset(root, categories=list(params.pop("categories")), **params)
 
 
+TINY_PADIM = dict(weights="random", image_size=64, batch_size=8, device="cpu", progress=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def padim_bundle(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved PaDiM (random backbone, ``TINY_PADIM``) fitted on ``synthetic_root``'s training images. Read-only."""
+    from omniad import create_detector
+    from omniad.data import MVTecDataset
+
+    train = MVTecDataset(synthetic_root, split="train", image_size=TINY_PADIM["image_size"])
+    path = tmp_path_factory.mktemp("padim-bundle") / "model"
+    create_detector("padim", **TINY_PADIM).fit(train).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def industrial_root() -> Path:
     """../shared/data/industrial beside the repository (kolektor, magnetic_tile); skipped when absent."""

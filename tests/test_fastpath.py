@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_PADIM
 from omniad import create_detector, load_model
 from omniad.cli import RUNTIMES as CLI_RUNTIMES
 from omniad.data import MVTecDataset
@@ -20,16 +22,16 @@ from omniad.prediction import predict
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 pytestmark = pytest.mark.skipif(not (HAS_ONNX and HAS_OPENVINO), reason="needs omniad[export] and omniad[openvino]")
-SIZE = 64
-COMMON = dict(weights="random", image_size=SIZE, batch_size=8, device="cpu", progress=False, seed=0)
+SIZE = TINY_PADIM["image_size"]
+COMMON = TINY_PADIM
 
 
 @pytest.fixture(scope="module")
-def bundle(synthetic_root, tmp_path_factory):
-    train = MVTecDataset(synthetic_root, split="train", image_size=SIZE)
-    path = tmp_path_factory.mktemp("fast") / "model"
-    create_detector("padim", **COMMON).fit(train).save(path)
-    return path
+def bundle(padim_bundle, tmp_path_factory):
+    """A copy of the shared bundle: its .fast/ cache is this module's own."""
+    import shutil
+
+    return Path(shutil.copytree(padim_bundle, tmp_path_factory.mktemp("fast") / "model"))
 
 
 @pytest.fixture(scope="module")

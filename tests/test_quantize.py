@@ -10,23 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from omniad import create_detector, load_model
+from omniad import load_model
 from omniad.cli import main
 from omniad.data import MVTecDataset
 from omniad.quantize import DEFAULT_MAX_SCORE_CHANGE, QuantizationError, quantize_model
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("nncf", "openvino", "onnx")), reason="needs omniad[int8,export]")
-SIZE = 64
-COMMON = dict(weights="random", image_size=SIZE, batch_size=8, device="cpu", progress=False, seed=0)
+SIZE = 64  # the shared padim_bundle's
 
 
 @pytest.fixture(scope="module")
-def fitted(synthetic_root, tmp_path_factory):
+def fitted(synthetic_root, padim_bundle):
     train = MVTecDataset(synthetic_root, split="train", image_size=SIZE)
-    path = tmp_path_factory.mktemp("int8") / "model"
-    create_detector("padim", **COMMON).fit(train).save(path)
-    return load_model(path), train, path
+    return load_model(padim_bundle), train, padim_bundle
 
 
 def test_int8_graph_rescores_its_held_out_normals_and_states_the_change(fitted, tmp_path, synthetic_root):

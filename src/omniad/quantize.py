@@ -33,6 +33,7 @@ import torch
 
 from omniad.calibration import Calibration
 from omniad.export import (
+    DEFAULT_OPSET,
     METADATA_KEY,
     ExportedDetector,
     ExportError,
@@ -170,7 +171,7 @@ def quantize_model(
             int8_scores, calibration.target_far, f"{calibration.source}; threshold re-set on the INT8 scores", groups)
         report.threshold_int8 = rescored.threshold
         report.seconds = time.perf_counter() - started
-        metadata = export_metadata(detector, "openvino", 17)
+        metadata = export_metadata(detector, "openvino", DEFAULT_OPSET)
         metadata.update(precision="int8", threshold=rescored.threshold, calibration=rescored.to_dict(),
                         quantization={**report.to_dict(), "tool": f"nncf {nncf.__version__}",
                                       "quantised": "the backbone's operations; the method's head in float32"})
