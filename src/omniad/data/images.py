@@ -11,9 +11,10 @@ applied, so that images stay pixel-aligned with their masks.
 
 Draft decoding: a JPEG read at a known output size is decoded with libjpeg's own DCT scaling (Pillow's
 ``Image.draft``) when it is at least twice that size on both sides, then resized as always. A full decode of a
-large JPEG reads and inverse-transforms every pixel only for the resize to throw most of them away; the scaled
-inverse DCT skips that work. ``draft=False`` gives the full decode (bit-identical pre-processing); the change in
-scores it makes is measured in benchmarks/results/draft.md.
+large JPEG inverse-transforms, converts and resizes every pixel only for the resize to throw most of them away;
+the scaled inverse DCT skips that work: a 500 x 1263 grey kolektor JPEG read at 128 px takes 5.5 ms in full and
+3.4 ms drafted, beside PaDiM's 8.9 ms of scoring (one thread, benchmarks/results/draft.md). ``draft=False`` gives
+the full decode (bit-identical pre-processing); the change in scores is measured in that file too.
 """
 
 from __future__ import annotations
