@@ -336,6 +336,7 @@ def predict(
     progress: bool | None = None,
     batch_size: int | None = None,
     readers: int | None = None,
+    draft: bool = True,
 ) -> Prediction:
     """Score images with a fitted detector and decide at its calibrated threshold (or at ``threshold``).
 
@@ -354,6 +355,11 @@ def predict(
             images/s reading inline, 18-23 with 1-4 reader threads, which compete with torch's own threads), the
             model's ``default_readers`` when it has one (an exported file: 2), at most 4 on a GPU, which leaves the
             CPU cores free to decode. At most two batches wait, read, in memory.
+        draft: decode a JPEG file at least twice the model's input size on both sides at a reduced scale (1/2,
+            1/4 or 1/8: libjpeg's DCT scaling, ``read_image``) before the usual resize; the datasets draft by
+            default too, so training and prediction pre-process alike. False: full decoding, for pre-processing
+            bit-identical to ``resize_image(read_image(path), size)``. Tiled models read files at their own size
+            and in-memory images are not decoded: neither is drafted.
 
     Returns:
         A ``Prediction``: the scored images, the files that could not be read (with reasons), the threshold
@@ -395,7 +401,7 @@ def predict(
         if getattr(detector, "min_score_batch", 1) > 1:  # a mutual scorer (musc): every image in one call
             batch_size = max(1, len(mine))
         chunks = _chunks(mine, batch_size, show and is_main())
-        for number, loaded in enumerate(_loaded_chunks(chunks, size, readers)):
+        for number, loaded in enumerate(_loaded_chunks(chunks, size, readers, draft)):
             good, images = [], []
             for item, image, issue in loaded:
                 if issue is not None:
@@ -486,28 +492,29 @@ def _jsonable_size(size: Any) -> Any:
     return [int(v) for v in size] if isinstance(size, (tuple, list)) else int(size)
 
 
-def _load(item: _Item, size: Any) -> tuple[_Item, Tensor | None, InputIssue | None]:
+def _load(item: _Item, size: Any, draft: bool = True) -> tuple[_Item, Tensor | None, InputIssue | None]:
     """One input read and resized to ``size`` (None: kept at its own size; in-memory images are ready), or the
     reason it cannot be."""
     if item.image is not None:
         return item, item.image, None
     try:
-        return item, read_image(item.path, size), None
+        return item, read_image(item.path, size, draft=draft), None
     except (ImageReadError, OSError) as err:
         return item, None, InputIssue(item.name, _reason(err, item.path))
 
 
-def _loaded_chunks(chunks: Iterable[list[_Item]], size: Any, workers: int) -> Iterator[list[tuple]]:
+def _loaded_chunks(chunks: Iterable[list[_Item]], size: Any, workers: int, draft: bool = True
+                   ) -> Iterator[list[tuple]]:
     """Each chunk's inputs loaded (``_load``), by a bounded pool of reader threads that works on the next chunks
     while the caller scores this one: decoding and resizing (PIL and torch release the GIL) overlap scoring."""
     if workers <= 0:
         for chunk in chunks:
-            yield [_load(item, size) for item in chunk]
+            yield [_load(item, size, draft) for item in chunk]
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="omniad-reader") as pool:
         waiting: deque[list[Future]] = deque()
         for chunk in chunks:
-            waiting.append([pool.submit(_load, item, size) for item in chunk])
+            waiting.append([pool.submit(_load, item, size, draft) for item in chunk])
             if len(waiting) > 2:  # bounded: the chunk being scored and two read ahead
                 yield [f.result() for f in waiting.popleft()]
         while waiting:

@@ -50,6 +50,9 @@ class LabelledImages(Dataset):
         paths: the file of each image (``<file>#<index>`` for images stored in one file).
         skipped: entries of the image folders that are not used, with the reason (``SkippedFile``).
         image_size: side of the square output (int), an (H, W) pair, or None to keep each image's size.
+
+    ``load`` gives image ``index`` at its own size or already at ``image_size`` (the file readers read at the
+    size, to draft-decode large JPEGs: ``read_image``); ``dataset[i]`` resizes what is not.
     """
 
     def __init__(self, name: str, class_names: Sequence[str], labels: Sequence[frozenset[str]],
@@ -87,12 +90,14 @@ class LabelledImages(Dataset):
 
 
 # ------------------------------------------------------------------ class per folder
-def read_class_folders(root: PathLike, split: str = "train", image_size: int | tuple[int, int] | None = 256
-                       ) -> LabelledImages:
+def read_class_folders(root: PathLike, split: str = "train", image_size: int | tuple[int, int] | None = 256, *,
+                       draft: bool = True) -> LabelledImages:
     """``<root>/<split>/<class>/*`` (one folder per class); the class is the folder name.
 
     Entries of the class folders that are not image files (sub-folders, broken links, other files) are listed in
     ``skipped``; an image file that cannot be decoded raises ``ImageReadError`` naming it when it is read.
+    ``draft``: decode JPEGs at least twice ``image_size`` at a reduced scale (``read_image``); False: full
+    decoding.
 
     Raises:
         FileNotFoundError: no ``<root>/<split>`` folder.
@@ -114,7 +119,7 @@ def read_class_folders(root: PathLike, split: str = "train", image_size: int | t
         paths += images
         labels += [frozenset({class_folder.name})] * len(images)
     return LabelledImages(f"{root} ({split})", [c.name for c in classes], labels, [str(p) for p in paths],
-                          lambda i: read_image(paths[i]), image_size, skipped)
+                          lambda i: read_image(paths[i], image_size, draft=draft), image_size, skipped)
 
 
 # ------------------------------------------------------------------ MNIST IDX
@@ -220,7 +225,7 @@ def find_coco_files(root: PathLike) -> tuple[Path, Path]:
 
 
 def read_coco(root: PathLike, images: PathLike | None = None,
-              image_size: int | tuple[int, int] | None = 256) -> LabelledImages:
+              image_size: int | tuple[int, int] | None = 256, *, draft: bool = True) -> LabelledImages:
     """COCO instance annotations: each image's label set = the names of the categories annotated in it.
 
     Args:
@@ -228,6 +233,8 @@ def read_coco(root: PathLike, images: PathLike | None = None,
             and ``images/``.
         images: the image folder (default: found beside the annotations, see ``find_coco_files``).
         image_size: output side, or None to keep each file's size.
+        draft: decode JPEGs at least twice ``image_size`` at a reduced scale (``read_image``); False: full
+            decoding.
 
     Raises:
         FileNotFoundError: no annotation file, or image entries naming files that do not exist.
@@ -267,7 +274,7 @@ def read_coco(root: PathLike, images: PathLike | None = None,
                                 f"in {folder}: {_listing(missing)}")
     return LabelledImages(f"{annotation_file}", [categories[k] for k in sorted(categories)],
                           [frozenset(n) for n in names], [str(p) for p in paths],
-                          lambda i: read_image(paths[i]), image_size)
+                          lambda i: read_image(paths[i], image_size, draft=draft), image_size)
 
 
 def split_per_class(data: LabelledImages, test_per_class: int, seed: int = 0
@@ -305,15 +312,15 @@ FORMATS = ("folders", "idx", "coco")
 
 
 def read_labelled(data_format: str, root: PathLike, split: str = "train",
-                  image_size: int | tuple[int, int] | None = 256) -> LabelledImages:
+                  image_size: int | tuple[int, int] | None = 256, *, draft: bool = True) -> LabelledImages:
     """Read a labelled set by format name (``folders``, ``idx``, ``coco``; COCO has no splits: ``split`` is
-    ignored)."""
+    ignored). ``draft``: JPEG draft decoding of the file formats (``read_image``; IDX holds no JPEGs)."""
     if data_format == "folders":
-        return read_class_folders(root, split, image_size)
+        return read_class_folders(root, split, image_size, draft=draft)
     if data_format == "idx":
         return read_idx(root, split, image_size)
     if data_format == "coco":
-        return read_coco(root, image_size=image_size)
+        return read_coco(root, image_size=image_size, draft=draft)
     raise ValueError(f"unknown labelled data format {data_format!r}; known: {', '.join(FORMATS)}")
 
 

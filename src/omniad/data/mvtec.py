@@ -30,7 +30,6 @@ from omniad.data.images import (
     read_image,
     read_image_hw,
     read_mask,
-    resize_image,
     resize_mask,
 )
 from omniad.types import Sample
@@ -189,6 +188,10 @@ class MVTecDataset(Dataset):
         split: "train" (normal images only) or "test" (normal and defective).
         image_size: side of the square output (an int), an (H, W) pair, None to keep each file's size, or a
             size rule from ``omniad.data.images`` (``KeepAspect``): what ``detector.read_size`` gives.
+        draft: decode JPEGs at least twice ``image_size`` on both sides at a reduced scale before the resize
+            (``read_image``'s ``draft``); on by default, as ``predict``'s, so that a model is trained on images
+            pre-processed as the ones it scores. False: full decoding (bit-identical pre-processing). Masks are
+            always read at full size.
 
     Attributes:
         categories: the selected category names, sorted.
@@ -211,6 +214,7 @@ class MVTecDataset(Dataset):
         categories: str | Sequence[str] | None = None,
         split: str = "train",
         image_size: Size | None = 256,
+        draft: bool = True,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -222,6 +226,7 @@ class MVTecDataset(Dataset):
         self.roots = [Path(r) for r in root_list]
         self.split = split
         self.image_size = image_size
+        self.draft = draft
 
         found: dict[str, Path] = {}
         for root in self.roots:
@@ -268,20 +273,20 @@ class MVTecDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.samples[index]
-        image = read_image(record.path)
-        height, width = image.shape[-2:]
+        image = read_image(record.path, self.image_size, draft=self.draft)
         if record.mask_path is not None:
             mask = read_mask(record.mask_path)
+            # the file's own size, from its header: what the mask must match (the image read is resized)
+            height, width = image.shape[-2:] if self.image_size is None else read_image_hw(record.path)
             if tuple(mask.shape) != (height, width):
                 raise ValueError(
                     f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} (width x height) but its "
                     f"image {record.path} is {width}x{height}"
                 )
+            if self.image_size is not None:
+                mask = resize_mask(mask, self.image_size)
         else:
-            mask = torch.zeros(height, width)
-        if self.image_size is not None:
-            image = resize_image(image, self.image_size)
-            mask = resize_mask(mask, self.image_size)
+            mask = torch.zeros(image.shape[-2:])
         return Sample(
             image=image,
             mask=mask,
@@ -307,5 +312,5 @@ class MVTecDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"MVTecDataset(split={self.split!r}, categories={self.categories}, n={len(self)}, "
-            f"image_size={self.image_size})"
+            f"image_size={self.image_size}, draft={self.draft})"
         )

@@ -298,7 +298,7 @@ def build_protocol(protocol: str, train: LabelledImages, test: LabelledImages | 
 
 
 def load_protocol(data_format: str, root: str, protocol: str, image_size: int | tuple[int, int] | None = 256,
-                  test_per_class: int | None = None, **options: Any) -> NoveltyProtocol:
+                  test_per_class: int | None = None, draft: bool = True, **options: Any) -> NoveltyProtocol:
     """Read a labelled set from disk and build a protocol on it: ``read_labelled`` then ``build_protocol``.
 
     Args:
@@ -310,9 +310,11 @@ def load_protocol(data_format: str, root: str, protocol: str, image_size: int | 
         test_per_class: ``folders``/``idx``: make the test split from the training split instead, ``test_per_class``
             images of each class held out (seeded by ``seed``; ``split_per_class``), for data without a test
             split of its own (e.g. the CIFAR-10 training subset). None: read the ``test`` split.
+        draft: decode JPEGs at least twice ``image_size`` at a reduced scale (``read_image``); False: full
+            decoding.
         options: ``build_protocol``'s options (normal, split, held_out, caps, test_fraction, seed).
     """
-    train = read_labelled(data_format, root, "train", image_size)
+    train = read_labelled(data_format, root, "train", image_size, draft=draft)
     if test_per_class is not None:
         if data_format == "coco":
             raise ValueError("test_per_class splits class folders or IDX files; COCO's multi-object protocol holds "
@@ -322,7 +324,7 @@ def load_protocol(data_format: str, root: str, protocol: str, image_size: int | 
         test = None
     else:
         try:
-            test = read_labelled(data_format, root, "test", image_size)
+            test = read_labelled(data_format, root, "test", image_size, draft=draft)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}; for data without a test split, hold out images of each class with "
                                     "--test-per-class N (library: test_per_class=N)") from None

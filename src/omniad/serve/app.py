@@ -48,6 +48,7 @@ def create_app(
     max_pixels: int | None = None,
     batch_size: int | None = None,
     monitor_window: int = WINDOW,
+    draft: bool = True,
 ) -> FastAPI:
     """The service of one fitted model.
 
@@ -60,6 +61,8 @@ def create_app(
         batch_size: images per model call (default the model's), joining concurrent requests' images.
         monitor_window: latest images whose alarm rate is tested against the calibrated false-alarm rate
             (``omniad.monitor``); each ``/predict`` answer carries the test as ``monitor``.
+        draft: decode uploaded JPEGs at least twice the model's size at a reduced scale, as ``predict`` does
+            (``read_image``); False: full decoding.
 
     Returns:
         The FastAPI application (run it with uvicorn, or ``omniad.serve.run``).
@@ -103,7 +106,7 @@ def create_app(
     async def predict(request: Request, overlay: bool = False) -> dict[str, Any]:
         """Score the images of the multipart field ``files``; ``overlay=true`` adds each heat-map overlay PNG."""
         names, blobs = await _read_uploads(request, max_upload_bytes, max_batch)
-        images = await run_in_threadpool(_prepare_all, detector, names, blobs, max_pixels)
+        images = await run_in_threadpool(_prepare_all, detector, names, blobs, max_pixels, draft)
         try:
             scores, maps = await asyncio.wrap_future(scorer.submit(torch.stack(images)))
             payload = await run_in_threadpool(predict_payload, detector, names, images, scores, maps, overlay)
@@ -191,5 +194,5 @@ def _too_large(size: str, limit: int) -> str:
             "per request")
 
 
-def _prepare_all(detector: Any, names: list[str], blobs: list[bytes], max_pixels: int | None) -> list:
-    return [prepare_upload(detector, blob, name, max_pixels) for name, blob in zip(names, blobs, strict=True)]
+def _prepare_all(detector: Any, names: list[str], blobs: list[bytes], max_pixels: int | None, draft: bool) -> list:
+    return [prepare_upload(detector, blob, name, max_pixels, draft) for name, blob in zip(names, blobs, strict=True)]

@@ -109,15 +109,18 @@ def protocol(detector: Any) -> dict[str, Any] | None:
     }
 
 
-def prepare_upload(detector: Any, data: bytes, filename: str, max_pixels: int | None = None) -> Tensor:
+def prepare_upload(detector: Any, data: bytes, filename: str, max_pixels: int | None = None, draft: bool = True
+                   ) -> Tensor:
     """An uploaded file's bytes -> the model's (3, image_size, image_size) input, read as ``read_image`` reads
-    files and checked and resized by the model's own ``preprocess``.
+    files (a large JPEG draft-decoded unless ``draft`` is False, as ``predict`` reads it) and checked by the
+    model's own ``preprocess``.
 
     Raises:
         ServeError: 413 for an image over the pixel limit, 422 for anything that is not a readable image.
     """
     try:
-        image = decode_image(data, filename, max_pixels=max_pixels)
+        # the served models take a square side (BatchScorer): read at it, as predict reads files
+        image = decode_image(data, filename, max_pixels=max_pixels, size=int(detector.image_size), draft=draft)
     except ImageTooLargeError as err:
         raise ServeError(413, str(err), filename) from None
     except ImageReadError as err:
