@@ -181,3 +181,20 @@ def test_the_service_drafts_uploads_as_predict_reads_files(detector, big_jpeg):
     Image.open(big_jpeg).save(buffer, format="PNG")
     assert torch.equal(prepare_upload(detector, buffer.getvalue(), "up.png"),
                        prepare_upload(detector, buffer.getvalue(), "up.png", draft=False))
+
+
+@pytest.mark.parametrize("flag, draft", [([], True), (["--no-draft"], False)])
+def test_omniad_predict_drafts_unless_told_not_to(padim_bundle, tmp_path, flag, draft):
+    import json
+
+    from omniad.cli import main
+
+    paths = [_jpeg(tmp_path / "in" / f"{k}.jpg", 300 + 40 * k, 400) for k in range(2)]  # drafted at 64 px
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(padim_bundle), str(tmp_path / "in"), "--out", str(out), "--runtime",
+                 "torch", "--no-overlays", *flag]) == 0
+    written = {Path(r["path"]).name: r["score"] for r in json.loads((out / "results.json").read_text())["results"]}
+    expected = omniad.predict(omniad.load_model(padim_bundle), paths, draft=draft)
+    assert [written[p.name] for p in paths] == pytest.approx(expected.scores.tolist(), rel=1e-6)
+    other = omniad.predict(omniad.load_model(padim_bundle), paths, draft=not draft)
+    assert [written[p.name] for p in paths] != pytest.approx(other.scores.tolist(), rel=1e-6)

@@ -32,6 +32,9 @@ DEFAULT_METHOD = "cada"
 DEFAULT_RECIPE = {"base": "padim", "iterations": 300}
 DEMO_METHOD = "patchcore"  # the demo's: one fit of a few seconds
 # omniad.fastpath.RUNTIMES, spelt out so that parsing the command line does not import torch (a test checks them)
+DRAFT_HELP = ("decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 scale "
+              "(libjpeg's DCT scaling) before the usual resize (default: on, in training and prediction alike); "
+              "--no-draft: full decoding, bit-identical pre-processing")
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 RUNTIME_HELP = ("what scores a model folder: auto (default: the first of OpenVINO, onnxruntime that is installed and "
                 "whose exported graph reproduces the torch scores; the graph is built once and cached in "
@@ -114,6 +117,7 @@ def add_data_options(parser: argparse.ArgumentParser, train: bool, test: bool) -
         group.add_argument("--cross-class", metavar="SPLIT",
                            help="a named cross-class split, e.g. 'magnetic_tile->kolektor' or "
                                 "'mvtec:textures->objects' (sets both category lists)")
+    group.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True, help=DRAFT_HELP)
     add_novelty_options(parser)
 
 
@@ -161,7 +165,7 @@ def _novelty(args: argparse.Namespace, image_size: int):
                          normal=_categories(args.normal_classes), split=args.split, held_out=args.held_out,
                          max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
                          test_fraction=args.test_fraction, seed=args.subsample_seed,
-                         test_per_class=args.test_per_class)
+                         test_per_class=args.test_per_class, draft=args.draft)
 
 
 def _resolve_categories(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
@@ -174,10 +178,10 @@ def _resolve_categories(args: argparse.Namespace) -> tuple[list[str] | None, lis
     return train, (test if test is not None else train)
 
 
-def _dataset(roots: list[str], categories: list[str] | None, split: str, image_size: Any):
+def _dataset(roots: list[str], categories: list[str] | None, split: str, image_size: Any, draft: bool = True):
     from omniad.data import MVTecDataset
 
-    return MVTecDataset(roots, categories=categories, split=split, image_size=image_size)
+    return MVTecDataset(roots, categories=categories, split=split, image_size=image_size, draft=draft)
 
 
 # ------------------------------------------------------------------ commands
@@ -216,7 +220,7 @@ def _fit(args: argparse.Namespace, names: list[str]):
         print(f"fitting {args.method} on {len(train)} normal images; {novelty.setting.describe()}", file=sys.stderr)
     else:
         train_categories, _ = _resolve_categories(args)
-        train = _dataset(args.data, train_categories, "train", detector.read_size)
+        train = _dataset(args.data, train_categories, "train", detector.read_size, args.draft)
         _print_skipped(train.skipped, train.split)
         print(f"fitting {args.method} on {len(train)} normal images of {', '.join(train.categories)} "
               f"(unified: no category labels)", file=sys.stderr)
@@ -262,7 +266,8 @@ def _evaluate_and_write(detector, args: argparse.Namespace, out: str | None) -> 
         _print_skipped(novelty.skipped.get("test", []), "test")
     else:
         _, test_categories = _resolve_categories(args)
-        test = _dataset(args.data, test_categories, "test", getattr(detector, "read_size", detector.image_size))
+        test = _dataset(args.data, test_categories, "test", getattr(detector, "read_size", detector.image_size),
+                        args.draft)
         _print_skipped(test.skipped, test.split)
     report = evaluate(detector, test, progress=detector.progress)
     print(report.to_markdown())
@@ -293,7 +298,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from omniad.prediction import predict
 
     detector = load_model(args.model, device=args.device, runtime=args.runtime)
-    result = predict(detector, args.inputs, args.out, overlays=args.overlays, threshold=args.threshold)
+    result = predict(detector, args.inputs, args.out, overlays=args.overlays, threshold=args.threshold,
+                     draft=args.draft)
     print(result.summary())
     if result.failed:
         print(f"omniad: {len(result.failed)} of {len(result.failed) + len(result.results)} input files could not "
@@ -323,7 +329,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from omniad.quantize import quantize_model
 
     detector = load_detector(args.model, device="cpu")
-    train = _dataset(args.data, _resolve_categories(args)[0], "train", detector.read_size)
+    train = _dataset(args.data, _resolve_categories(args)[0], "train", detector.read_size, args.draft)
     _print_skipped(train.skipped, train.split)
     print(quantize_model(detector, train, args.out, max_score_change=args.max_score_change).summary())
     return 0
@@ -338,7 +344,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"runtime: {getattr(detector, 'runtime_note', 'torch')}", file=sys.stderr)
     max_pixels = None if args.max_megapixels is None else int(args.max_megapixels * 1e6)
     app = create_app(detector, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
-                     max_pixels=max_pixels)
+                     max_pixels=max_pixels, draft=args.draft)
     print(f"serving on http://{args.host}:{args.port}/ (the page; POST /predict, GET /model, GET /health); "
           "Ctrl+C stops", file=sys.stderr)
     run(app, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads)
@@ -425,6 +431,7 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
                         "folder>.png, e.g. overlays/sub/x.jpg.png (default: on)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True, help=DRAFT_HELP)
 
     p = sub.add_parser("export", help="write a model's whole scoring path to one ONNX or OpenVINO file")
     p.add_argument("--model", required=True, help="model folder written by `omniad fit`")
@@ -452,6 +459,7 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True, help=DRAFT_HELP)
     p.add_argument("--max-upload-mb", type=float, default=32.0,
                    help="largest request body in MiB; bigger uploads get 413 (default 32)")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one request (default 32)")
