@@ -30,7 +30,7 @@ def test_int8_graph_rescores_its_held_out_normals_and_states_the_change(fitted, 
     detector, train, _ = fitted
     report = quantize_model(detector, train, tmp_path / "q.xml", max_score_change=10.0)
     model = load_model(tmp_path / "q.xml")
-    assert model.metadata["precision"] == "int8"
+    assert model.metadata["precision"] == "int8" and model.runtime_note.startswith("openvino int8 ")
     stated = model.metadata["quantization"]
     assert stated["max_score_change"] == pytest.approx(report.max_score_change) and report.max_score_change > 0
     n = detector.calibration_.normal_scores.size

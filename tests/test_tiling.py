@@ -83,7 +83,7 @@ def test_tiles_of_files_are_counted_from_headers_and_each_file_is_decoded_once_p
         Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "part" / "test" / "good" / f"{k}.png")
     decoded = []
     real_read = mvtec.read_image
-    monkeypatch.setattr(mvtec, "read_image", lambda path: decoded.append(path) or real_read(path))
+    monkeypatch.setattr(mvtec, "read_image", lambda path, *a, **k: decoded.append(path) or real_read(path, *a, **k))
     images = as_image_dataset(MVTecDataset(tmp_path, split="train", image_size=None))
     assert [images.image_hw(i) for i in range(3)] == sizes
     tiles = TileDataset(images, tile=32, stride=16)

@@ -418,7 +418,9 @@ class ExportedDetector:
                  precision: str = "f32") -> None:
         self.path = path
         self.format = "onnx" if path.suffix.lower() == ".onnx" else "openvino"
-        self.runtime_note = f"{'onnxruntime' if self.format == 'onnx' else 'openvino'} {precision} ({path})"
+        # an INT8 graph (omniad quantize) says so in its metadata: its weights are int8 whatever the inference hint
+        stored = "int8" if metadata.get("precision") == "int8" else precision
+        self.runtime_note = f"{'onnxruntime' if self.format == 'onnx' else 'openvino'} {stored} ({path})"
         self.runtime = runtime
         self.metadata = metadata
         self.name: str = metadata["method"]
