@@ -1,6 +1,8 @@
 """omniad against the peer (anomalib) in one run, same machine and data: fit time with 1 and N processes, predict
-throughput from image files on disk to decisions on every path (torch, onnxruntime, OpenVINO f32, OpenVINO bf16),
-peak memory of each step, and image AUROC and AU-PRO per type, for PaDiM and PatchCore (1% coreset).
+throughput from image files on disk to decisions on every path (the default: ``load_model(runtime="auto")`` on the
+torch bundle, what ``omniad predict`` does; torch, onnxruntime, OpenVINO f32, OpenVINO bf16; INT8 by
+``omniad.quantize``), peak memory of each step, image AUROC of each path's own scores, the share of a path's time
+per image that reading the files takes, and image AUROC and AU-PRO per type, for PaDiM and PatchCore (1% coreset).
 
 Each fit and each predict runs in a process of its own, started by this script, and reports its own peak resident
 memory (VmHWM), so that the memory is that step's alone. omniad side: ``omniad fit`` per type (as the peer's per-type
@@ -31,6 +33,9 @@ from common import DEFAULT_DATA, peak_rss_mib, publish
 from omniad import evaluate
 from omniad.data import MVTecDataset
 from omniad.export import ExportedDetector, export_detector, load_model
+from omniad.fastpath import load_model as load_fast_path
+from omniad.metrics.ranking import auroc
+from omniad.quantize import QuantizationError, quantize_model
 from omniad.weights import offline_cache_path
 
 SETTINGS = {  # label -> (method, parameters beyond the common ones); PatchCore also with the measured better score
@@ -38,11 +43,13 @@ SETTINGS = {  # label -> (method, parameters beyond the common ones); PatchCore 
     "PatchCore, paper's score": ("patchcore", {}),
     "PatchCore, top-1% score": ("patchcore", {"image_pooling": "top1"}),
 }
-PATHS = {  # predict path -> (model file in the fit folder, load_model precision)
+PATHS = {  # predict path -> (model file in the fit folder, how it is loaded: a precision, or "auto")
     "torch": ("model", "f32"),
+    "default (omniad predict: auto runtime)": ("model", "auto"),
     "onnxruntime": ("model.onnx", "f32"),
     "OpenVINO f32": ("model.xml", "f32"),
     "OpenVINO bf16": ("model.xml", "bf16"),
+    "OpenVINO INT8 (omniad quantize)": ("model.int8.xml", "f32"),
 }
 
 
@@ -74,18 +81,30 @@ def child_fit(method: str, options: list[str], category: str, data: str, out: st
 
 
 def child_predict(model: str, precision: str, files_list: str) -> None:
-    """In a process of its own: load ``model``, predict the listed files once to warm up and once timed; print the
-    throughput and the scores as one JSON line."""
+    """In a process of its own: load ``model``, predict the listed files once to warm up and once timed, then read
+    them alone (one thread, as a reader does) for the share of the time that decoding takes; print the
+    throughput, the read time and the scores as one JSON line."""
     from omniad import predict
+    from omniad.data.images import read_image
 
     files = json.loads(Path(files_list).read_text())
-    detector = ExportedDetector.load(model, precision=precision) if precision != "f32" else load_model(model)
+    started = time.perf_counter()
+    if precision == "auto":
+        detector = load_fast_path(model, runtime="auto")
+    else:
+        detector = ExportedDetector.load(model, precision=precision) if precision != "f32" else load_model(model)
+    load_seconds = time.perf_counter() - started
     predict(detector, files[:16], progress=False)
     started = time.perf_counter()
     result = predict(detector, files, progress=False)
     seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for file in files:
+        read_image(file, getattr(detector, "read_size", detector.image_size))  # as predict reads
+    read_seconds = time.perf_counter() - started
     print(json.dumps({"images_per_second": len(files) / seconds, "memory": peak_rss_mib(),
-                      "scores": [r.score for r in result.results],
+                      "load_seconds": load_seconds, "read_ms": 1000 * read_seconds / len(files),
+                      "runtime": result.runtime, "scores": [r.score for r in result.results],
                       "decisions": [bool(r.anomalous) for r in result.results]}))
 
 
@@ -102,6 +121,8 @@ def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]
     files_list.write_text(json.dumps([str(r.path) for r in test.samples]))
     rows = []
     for label, (method, options) in SETTINGS.items():
+        if label not in args.settings:
+            continue
         fitted = {}
         for processes in args.processes:
             folder = Path(tmp) / f"{method}-{len(rows)}-{processes}"
@@ -123,8 +144,22 @@ def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]
             fitted[other] += (float(difference.abs().max()),)
         export_detector(detector, folder / "model.onnx", format="onnx")
         export_detector(detector, folder / "model.xml", format="openvino")
+        started = time.perf_counter()
+        load_fast_path(folder / "model", runtime="auto")  # the default path's one-time build, cached beside it
+        build_seconds = time.perf_counter() - started
+        train = MVTecDataset(args.data, categories=[category], split="train", image_size=256)
+        try:
+            int8 = quantize_model(detector, train, folder / "model.int8.xml")
+        except QuantizationError as err:
+            int8 = err
+        labels = np.array([r.label for r in test.samples])
         reference = None
         for path, (file, precision) in PATHS.items():
+            if file == "model.int8.xml" and isinstance(int8, QuantizationError):
+                rows.append({"tool": "omniad", "setting": label, "path": path, "category": category,
+                             "refused": str(int8)})
+                print(rows[-1], flush=True)
+                continue
             measured, = run_child([sys.executable, __file__, "--child-predict", str(folder / file),
                                    "--precision", precision, "--files-list", str(files_list)])
             scores, decisions = np.array(measured["scores"]), np.array(measured["decisions"])
@@ -133,18 +168,26 @@ def omniad_rows(category: str, args: argparse.Namespace, tmp: str) -> list[dict]
             row = {"tool": "omniad", "setting": label, "path": path, "category": category,
                    "fit_seconds": fit_seconds, "fit_memory": fit_memory,
                    "images_per_second": measured["images_per_second"], "predict_memory": measured["memory"],
+                   "read_ms": measured["read_ms"], "load_seconds": measured["load_seconds"],
+                   "runtime": measured["runtime"], "path_auroc": auroc(labels, scores),
                    "quality": quality,
                    "score_change": float(np.max(np.abs(scores - reference[0]) / np.abs(reference[0]).max())),
                    "same_decisions": int((decisions == reference[1]).sum()), "n": len(decisions),
                    "scaling": {p: fitted[p][1:] for p in args.processes[1:]}}
+            if precision == "auto":
+                row["build_seconds"] = build_seconds
+            if file == "model.int8.xml":
+                row["int8"] = int8.to_dict()
             rows.append(row)
-            print({k: v for k, v in row.items()}, flush=True)
+            print({k: v for k, v in row.items() if k not in ("int8",)}, flush=True)
     return rows
 
 
 def peer_rows(category: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for method, label in (("padim", "PaDiM"), ("patchcore", "PatchCore, paper's score")):
+        if label not in args.settings:
+            continue
         runs = [run_child(
             [args.peer_python, str(Path(__file__).with_name("peer_anomalib.py")), "--data", args.data,
              "--category", category, "--method", method, "--weights", str(offline_cache_path("tf_efficientnet_lite0")),
@@ -200,6 +243,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="image AUROC and AU-PRO over seeds 0..N-1 on both sides (mean and range); the speed "
                              "and memory columns are seed 0's")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="omniad settings to run (the peer runs PaDiM and the paper's PatchCore score)")
     parser.add_argument("--peer-python", help="python of an environment with anomalib (the peer is skipped without)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child-predict", help=argparse.SUPPRESS)
@@ -243,16 +288,54 @@ def main() -> None:
         "training images out for its threshold; anomalib trains on all."
         + "".join(f" {c}: both tools train on {n} training images, drawn with seed 0." for c, n in sampled.items()),
         "",
-        "| type | tool | setting | predict path | fit s | fit MiB | predict img/s | predict MiB | score change | "
-        f"same decisions | image AUROC{seeded} | AU-PRO{seeded} |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Read ms = `read_image` of each test file at the model's size (JPEG draft decoding, the default), one "
+        "thread, after the predict run; in brackets its share of the path's time per image. Path AUROC = image "
+        "AUROC of the path's own scores (in brackets: against the torch path). The AUROC and AU-PRO columns after "
+        "it are `evaluate` on the torch model.",
+        "",
+        "| type | tool | setting | predict path | runtime | fit s | fit MiB | predict img/s | x peer | predict MiB | "
+        f"read ms (share) | score change | same decisions | path AUROC | image AUROC{seeded} | AU-PRO{seeded} |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    peer = {(r["category"], r["setting"]): r["images_per_second"] for r in rows if r["tool"] == "anomalib"}
+    torch_auroc = {(r["category"], r["setting"]): r["path_auroc"] for r in rows
+                   if r["tool"] == "omniad" and r["path"] == "torch"}
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['category']} | {r['tool']} | {r['setting']} | {r['path']} | refused: "
+                         f"{r['refused']} |" + " |" * 13)
+            continue
         change = f"{r['score_change']:.1e}" if "score_change" in r else ""
         same = f"{r['same_decisions']}/{r['n']}" if "same_decisions" in r else ""
-        lines.append(f"| {r['category']} | {r['tool']} | {r['setting']} | {r['path']} | {r['fit_seconds']:.1f} | "
-                     f"{mib(r['fit_memory'])} | {r['images_per_second']:.1f} | {mib(r['predict_memory'])} | {change} | "
-                     f"{same} | {spread([q[0] for q in r['quality']])} | {spread([q[1] for q in r['quality']])} |")
+        key = (r["category"], r["setting"])
+        ratio = f"{r['images_per_second'] / peer[key]:.1f}x" if r["tool"] == "omniad" and key in peer else ""
+        read = (f"{r['read_ms']:.1f} ({100 * r['read_ms'] * r['images_per_second'] / 1000:.0f}%)"
+                if "read_ms" in r else "")
+        path_auroc = (f"{100 * r['path_auroc']:.2f} ({100 * (r['path_auroc'] - torch_auroc[key]):+.2f})"
+                      if "path_auroc" in r else "")
+        lines.append(f"| {r['category']} | {r['tool']} | {r['setting']} | {r['path']} | {r.get('runtime', '')} | "
+                     f"{r['fit_seconds']:.1f} | {mib(r['fit_memory'])} | {r['images_per_second']:.1f} | {ratio} | "
+                     f"{mib(r['predict_memory'])} | {read} | {change} | {same} | {path_auroc} | "
+                     f"{spread([q[0] for q in r['quality']])} | {spread([q[1] for q in r['quality']])} |")
+    built = [r for r in rows if "build_seconds" in r]
+    if built:
+        lines += ["", "The default path's one-time build (export, parity check, cache beside the bundle), then its "
+                  "load from the cache in the predict process: " + "; ".join(
+                      f"{r['category']} {r['setting']}: {r['build_seconds']:.1f} s, then {r['load_seconds']:.1f} s"
+                      for r in built) + "."]
+    quantised = [r for r in rows if "int8" in r]
+    if quantised:
+        lines += ["", "INT8 (`omniad quantize`: NNCF over the OpenVINO graph, the backbone's weighted layers, "
+                  "calibrated on the model's own held-out normal training images), as the quantiser reports it on "
+                  "those images; the test-set change is in the table above:", "",
+                  "| type | setting | held-out images | largest score change (of the f32 threshold) | mean | "
+                  "decisions changed | threshold f32 -> INT8 | quantise s |", "|---|---|---:|---:|---:|---:|---|---:|"]
+        for r in quantised:
+            q = r["int8"]
+            lines.append(f"| {r['category']} | {r['setting']} | {q['calibration_images']} | "
+                         f"{100 * q['max_score_change']:.1f}% | {100 * q['mean_score_change']:.1f}% | "
+                         f"{q['decisions_changed']} | {q['threshold_f32']:.4g} -> {q['threshold_int8']:.4g} | "
+                         f"{q['seconds']:.1f} |")
     scaling = [(r["category"], r["setting"], p, v) for r in rows if r["tool"] == "omniad" and r["path"] == "torch"
                for p, v in r["scaling"].items()]
     if scaling:
