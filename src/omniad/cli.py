@@ -32,13 +32,13 @@ DEFAULT_METHOD = "cada"
 DEFAULT_RECIPE = {"base": "padim", "iterations": 300}
 DEMO_METHOD = "patchcore"  # the demo's: one fit of a few seconds
 # omniad.fastpath.RUNTIMES, spelt out so that parsing the command line does not import torch (a test checks them)
-DRAFT_HELP = ("decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 scale "
-              "(libjpeg's DCT scaling) before the usual resize (default: on, in training and prediction alike); "
-              "--no-draft: full decoding, bit-identical pre-processing")
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 RUNTIME_HELP = ("what scores a model folder: auto (default: the first of OpenVINO, onnxruntime that is installed and "
                 "whose exported graph reproduces the torch scores; the graph is built once and cached in "
                 "<model>.fast/), openvino, onnxruntime, or torch; the output states the choice")
+DRAFT_HELP = ("decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 scale "
+              "(libjpeg's DCT scaling) before the usual resize (default: on, in training and prediction alike); "
+              "--no-draft: full decoding, bit-identical pre-processing")
 
 
 # ------------------------------------------------------------------ method options from the detector's signature

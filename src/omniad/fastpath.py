@@ -29,16 +29,15 @@ from omniad.export import (
     SUFFIXES,
     ExportedDetector,
     ExportError,
-    MissingExtraError,
     _input_blockers,
     export_detector,
+    require,
 )
 from omniad.export import load_model as load_file
 
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 AUTO_ORDER = ("openvino", "onnxruntime")
 _FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}
-_PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 CACHE_SUFFIX = ".fast"
 
 
@@ -65,15 +64,15 @@ def cache_key(bundle: str | os.PathLike, runtime: str) -> dict[str, str]:
     from omniad._version import __version__
 
     return {"bundle_sha256": bundle_digest(bundle), "omniad": __version__, "runtime": runtime,
-            "runtime_version": importlib.metadata.version(_PACKAGE[runtime]),
+            "runtime_version": importlib.metadata.version(runtime),
             "torch": importlib.metadata.version("torch")}
 
 
 def installed(runtime: str) -> bool:
-    """Whether the Python package of ``runtime`` can be imported here (without importing it)."""
+    """Whether the Python package of ``runtime`` (named as the runtime) can be imported here, without importing it."""
     import importlib.util
 
-    return runtime == "torch" or importlib.util.find_spec(_PACKAGE[runtime]) is not None
+    return runtime == "torch" or importlib.util.find_spec(runtime) is not None
 
 
 def load_model(path: str | os.PathLike, device: str | None = None, runtime: str | None = None) -> Any:
@@ -128,9 +127,7 @@ def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | No
             raise ExportError(f"{detector.name} cannot run on {runtime}: " + "; ".join(blockers))
         return _torch(detector, "torch (auto: the graph is not exported: " + "; ".join(blockers) + ")")
     if runtime != "auto":
-        if not installed(runtime):
-            extra = "openvino" if runtime == "openvino" else "export"
-            raise MissingExtraError(f'runtime {runtime!r} is not installed: pip install "omniad[{extra}]"')
+        require(runtime, f"runtime {runtime!r}")  # MissingExtraError naming the extra when it is not installed
         return _exported(detector, Path(bundle), runtime)
     passed_over = []
     for candidate in AUTO_ORDER:
