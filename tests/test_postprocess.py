@@ -95,3 +95,24 @@ def test_upsample_shapes_and_values():
     big = upsample(torch.rand(1, 3, 3), (30, 30))
     assert math.isfinite(big.sum().item())
     torch.testing.assert_close(upsample(torch.full((1, 2, 2), 5.0), (7, 9)), torch.full((1, 7, 9), 5.0))
+
+
+@pytest.mark.parametrize(("raw", "size", "crop", "sigma"), [
+    ((32, 32), (256, 256), None, 4.0),  # the protocol's PatchCore tail
+    ((8, 12), (64, 100), (50, 70), 2.0),  # non-square, cropped
+    ((7, 7), (7, 7), None, 0.0),  # nothing to do
+    ((40, 30), (20, 45), None, 4.0),  # down-sampled on one axis, the kernel wider than the map
+])
+def test_score_tail_as_matrices_equals_upsample_crop_blur(raw, size, crop, sigma):
+    from omniad.postprocess import to_scores
+
+    maps = torch.rand(3, *raw, generator=torch.Generator().manual_seed(0)) * 10
+    expected = upsample(maps, size)
+    if crop is not None:
+        expected = expected[:, : crop[0], : crop[1]]
+    expected = gaussian_blur(expected, sigma)
+    scores, got = to_scores(maps, size, sigma, "max", crop=crop)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(scores, expected.flatten(1).max(1).values, rtol=1e-5, atol=1e-5 * 10)
+    _, with_channel = to_scores(maps[:, None], size, sigma, "max", crop=crop)  # (B, 1, h, w) as upsample takes
+    torch.testing.assert_close(with_channel, got)

@@ -294,7 +294,13 @@ def probe_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def _verify(detector: Any, file: Path) -> None:
     images = probe_images(_PROBE_BATCH, int(detector.image_size), seed=1)
     expected = detector.score(uint8_to_float(images))
-    exported = ExportedDetector.load(file)
+    try:
+        exported = ExportedDetector.load(file)
+    except ExportedModelError as err:  # e.g. a graph the tracer reduced to constants has no image input left
+        raise ExportError(
+            f"{detector.name}: the exported graph does not reproduce the torch model's scores: {err}; some step of "
+            "the method is not traceable (Python control flow on values, numpy, a loop sized by the batch)"
+        ) from err
     scores, maps = exported.run(images)
     worst = parity(expected.image_scores.numpy(), scores, expected.anomaly_maps.numpy(), maps)
     if not worst <= PARITY_RTOL:
