@@ -63,7 +63,9 @@ def test_nearest_centre_distances_equal_cdist(chunk):
     g = torch.Generator().manual_seed(chunk)
     queries, bank = torch.randn(50, 16, generator=g), torch.randn(23, 16, generator=g)
     expected = torch.cdist(queries, bank).min(dim=1).values
-    torch.testing.assert_close(nearest_centres(queries, bank, chunk=chunk)[0], expected, atol=1e-4, rtol=1e-4)
+    distances, index = nearest_centres(queries, bank, chunk=chunk)
+    torch.testing.assert_close(distances, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(index, torch.cdist(queries, bank).argmin(dim=1))  # |q|^2 added after the minimum: same one
     # a query equal to a bank row is at distance ~0 (no NaN from a tiny negative square)
     d = nearest_centres(bank[:3], bank, chunk=chunk)[0]
     assert torch.isfinite(d).all() and d.max() < 1e-2

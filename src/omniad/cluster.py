@@ -107,9 +107,12 @@ def faiss_available() -> bool:
 
 
 def _nearest(points: Tensor, centres: Tensor, c_sq: Tensor) -> tuple[Tensor, Tensor]:
-    d2 = (points * points).sum(1, keepdim=True) - 2 * points @ centres.T + c_sq
-    value, idx = d2.min(dim=1)
-    return value.clamp_min(0).sqrt(), idx
+    # |p|^2 is the same for every centre, so it is added after the minimum: the (N, K) matrix is then one
+    # matmul's output with |c|^2 as its bias, which an exported graph runs as one fused layer (measured in
+    # OpenVINO, PatchCore, 16 images: the separate broadcast sum and its precision reorder took 28 of 166 ms)
+    partial = torch.addmm(c_sq, points, centres.T, alpha=-2)
+    value, idx = partial.min(dim=1)
+    return (value + (points * points).sum(1)).clamp_min(0).sqrt(), idx
 
 
 def kmeans_plusplus(points: Tensor, k: int, generator: torch.Generator) -> Tensor:
