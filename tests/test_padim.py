@@ -88,3 +88,18 @@ def test_scores_defect_above_normals_and_resizes_other_sizes(images):
     big = torch.nn.functional.interpolate(defect, scale_factor=2, mode="nearest")
     resized = det.score(big)  # resized to the model's size (bilinear, antialiased), as every method does
     assert resized.anomaly_maps.shape == (2, SIZE, SIZE) and resized.image_scores.min() > good.image_scores.max()
+
+
+def test_stage_wise_channel_selection_equals_selecting_from_the_fused_stages(fitted, images):
+    from omniad.features import fuse_stages
+
+    net = fitted.net_
+    with torch.no_grad():
+        expected = fuse_stages(net.backbone(images)).index_select(1, net.channel_index).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(net.embed(images), expected, rtol=1e-5, atol=1e-5)
+        total = sum(fitted.backbone_.channels)
+        # the first stage contributes nothing: the grid is still the first stage's
+        late = PaDiMNet(net.backbone, torch.arange(total - 4, total), net.grid)
+        assert late.embed(images).shape == (len(images), net.grid[0] * net.grid[1], 4)
+        unsorted = PaDiMNet(net.backbone, net.channel_index.flip(0), net.grid)  # kept in its own order
+        torch.testing.assert_close(unsorted.embed(images), expected.flip(-1), rtol=1e-5, atol=1e-5)

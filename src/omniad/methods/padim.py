@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,9 +34,34 @@ class PaDiMNet(nn.Module):
         self.register_buffer("precision", torch.zeros(positions, d, d))
 
     def embed(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, positions, d): the selected channels of the fused stages at each position."""
-        emb = fuse_stages(self.backbone(images)).index_select(1, self.channel_index)
+        """(B, 3, H, W) -> (B, positions, d): the selected channels of the fused stages at each position.
+
+        Each stage's kept channels are taken before it is up-sampled to the first stage's grid: the same values
+        as selecting from the fused stages (interpolation acts channel by channel), for half the interpolation
+        and concatenation (176 channels fused, 100 kept, with lite0's stages 1-3)."""
+        stages = self.backbone(images)
+        picked = self._stage_indices([f.shape[1] for f in stages], images.device)
+        if picked is None:
+            emb = fuse_stages(stages).index_select(1, self.channel_index)
+        else:
+            emb = fuse_stages([f.index_select(1, i) for f, i in zip(stages, picked, strict=True) if i.numel()],
+                              size=tuple(stages[0].shape[-2:]))
         return emb.flatten(2).transpose(1, 2)
+
+    def _stage_indices(self, channels: list[int], device: torch.device) -> list[Tensor] | None:
+        """``channel_index`` split by stage (indices within each stage), or None when it is not sorted (then the
+        split would reorder the channels). Cached per index; made through numpy so that a traced graph holds
+        the split as constants."""
+        key = (self.channel_index.data_ptr(), self.channel_index._version, tuple(channels), device)
+        if getattr(self, "_split_key", None) != key:
+            index = self.channel_index.detach().cpu().numpy()
+            bounds = np.cumsum([0, *channels])
+            split = None
+            if (np.diff(index) > 0).all():
+                split = [torch.from_numpy(index[(index >= lo) & (index < hi)] - lo).to(device)
+                         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+            self._split, self._split_key = split, key
+        return self._split
 
     def distances(self, emb: Tensor) -> Tensor:
         """(B, positions, d) embeddings -> (B, h, w) Mahalanobis distances to each position's Gaussian."""
