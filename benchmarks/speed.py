@@ -100,7 +100,8 @@ def child_predict(model: str, precision: str, files_list: str) -> None:
     seconds = time.perf_counter() - started
     started = time.perf_counter()
     for file in files:
-        read_image(file, getattr(detector, "read_size", detector.image_size))  # as predict reads
+        read_image(file, getattr(detector, "read_size", detector.image_size),  # as predict reads
+                   dtype=torch.uint8 if getattr(detector, "reads_uint8", False) else torch.float32)
     read_seconds = time.perf_counter() - started
     print(json.dumps({"images_per_second": len(files) / seconds, "memory": peak_rss_mib(),
                       "load_seconds": load_seconds, "read_ms": 1000 * read_seconds / len(files),
@@ -288,8 +289,9 @@ def main() -> None:
         "training images out for its threshold; anomalib trains on all."
         + "".join(f" {c}: both tools train on {n} training images, drawn with seed 0." for c, n in sampled.items()),
         "",
-        "Read ms = `read_image` of each test file at the model's size (JPEG draft decoding, the default), one "
-        "thread, after the predict run; in brackets its share of the path's time per image. Path AUROC = image "
+        "Read ms = `read_image` of each test file at the model's size (JPEG draft decoding, the default; uint8 for "
+        "an exported graph, as predict reads for it), one thread, after the predict run; in brackets its share of "
+        "the path's time per image (one reader thread's time over the path's wall time per image). Path AUROC = image "
         "AUROC of the path's own scores (in brackets: against the torch path). The AUROC and AU-PRO columns after "
         "it are `evaluate` on the torch model.",
         "",

@@ -306,3 +306,22 @@ def test_a_float16_memory_bank_exports_with_the_torch_scores(data, tmp_path):
     detector = create_detector("patchcore", **params).fit(data[0])
     file = export_detector(detector, tmp_path / "half.onnx")  # its own parity check passes
     check_parity(detector, file, data[1])
+
+
+def test_an_exported_graph_scores_uint8_as_the_floats_it_rounds_and_predict_reads_files_so(
+        fitted, exported, data, synthetic_root, tmp_path):
+    from omniad.data.images import read_image, to_uint8
+
+    model = load_model(exported("padim", "onnx"))
+    images = data[1][:4]
+    by_floats, by_bytes = model.score(images), model.score(to_uint8(images))
+    torch.testing.assert_close(by_bytes.image_scores, by_floats.image_scores, rtol=0, atol=0)
+    torch.testing.assert_close(by_bytes.anomaly_maps, by_floats.anomaly_maps, rtol=0, atol=0)
+    files = sorted(Path(synthetic_root).glob("*/test/*/*.png"))[:3]
+    assert len(files) == 3
+    result = predict(model, files + [images[0]])  # files read as uint8, beside an in-memory float image
+    read = torch.stack([read_image(f, model.image_size, dtype=torch.uint8) for f in files])
+    expected = np.concatenate([model.score(read).image_scores, model.score(images[:1]).image_scores])
+    np.testing.assert_array_equal(result.scores, expected)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        model.score(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))

@@ -266,3 +266,29 @@ def test_read_image_hw_reads_the_header_and_names_a_bad_file(tmp_path):
     (tmp_path / "b.png").write_bytes(b"not an image")
     with pytest.raises(ImageReadError, match="b.png: cannot read the image's size"):
         read_image_hw(tmp_path / "b.png")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
+def test_uint8_reading_is_the_float_reading_rounded(tmp_path, mode):
+    from omniad.data.images import to_uint8
+
+    pixels = RNG.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert("L" if mode in ("1", "I;16") else mode)
+    if mode == "I;16":
+        image = Image.fromarray(GRAY16)
+    elif mode == "1":
+        image = image.convert("1")
+    path = tmp_path / f"{mode.replace(';', '')}.{'tif' if mode == 'I;16' else 'png'}"
+    image.save(path)
+    as_floats, as_bytes = read_image(path), read_image(path, dtype=torch.uint8)
+    assert as_bytes.dtype == torch.uint8 and as_bytes.shape == as_floats.shape
+    assert torch.equal(as_bytes, to_uint8(as_floats))  # unresized: the same pixels exactly
+    resized = read_image(path, (16, 20), dtype=torch.uint8)  # resized in 8 bits: within a level of the floats
+    assert resized.shape == (3, 16, 20)
+    assert (resized.int() - to_uint8(read_image(path, (16, 20))).int()).abs().max() <= 1
+
+
+def test_reading_as_another_dtype_is_refused(tmp_path):
+    Image.fromarray(GRAY16.astype(np.uint8)).save(tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"torch.float32 or torch.uint8, not torch.float64"):
+        read_image(tmp_path / "g.png", dtype=torch.float64)

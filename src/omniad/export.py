@@ -331,8 +331,9 @@ def uint8_to_float(images: np.ndarray) -> Tensor:
 
 def float_to_uint8(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8 (exact for images read from 8-bit files)."""
-    values = (images.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return np.ascontiguousarray(values.permute(0, 2, 3, 1).numpy())
+    from omniad.data.images import to_uint8
+
+    return np.ascontiguousarray(to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy())
 
 
 # ------------------------------------------------------------------ running an exported file
@@ -419,6 +420,8 @@ class ExportedDetector:
     # reader threads ``omniad.predict`` uses by default: unlike torch's, the runtimes' thread pools tolerate them
     # (measured, kolektor's 150 files, 2 cores: PaDiM 56 -> 63 and PatchCore 51-57 -> 67-72 images/s with 2)
     default_readers = 2
+    # ``omniad.predict`` reads files for it as uint8 (``read_image``), the graph's own input type
+    reads_uint8 = True
 
     def __init__(self, path: Path, runtime: Any, metadata: dict[str, Any], calibration: Calibration | None,
                  precision: str = "f32") -> None:
@@ -479,22 +482,30 @@ class ExportedDetector:
 
     # ----------------------------------------------------------------- the scoring interface
     def preprocess(self, images: Any) -> Tensor:
-        """Check a batch of (B, 3, H, W) floats in [0, 1] and resize it to ``image_size`` (as a torch detector)."""
+        """Check a batch of (B, 3, H, W) floats in [0, 1] (or uint8 0-255) and resize it to ``image_size`` (as a
+        torch detector)."""
         from omniad.data.images import check_image_batch, resize_image
 
+        if isinstance(images, Tensor) and images.dtype == torch.uint8:
+            batch = images.unsqueeze(0) if images.dim() == 3 else images
+            if batch.dim() != 4 or batch.shape[1] != 3:
+                raise ValueError(f"score expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+            return resize_image(batch, self.image_size)
         return resize_image(check_image_batch(images), self.image_size)
 
     def score(self, images: Tensor) -> AnomalyScores:
         """Score a batch of images.
 
         Args:
-            images: (B, 3, H, W) floats in [0, 1]; other sizes are resized to ``image_size``, then every image is
-                rounded to uint8 for the graph (exact for images read from 8-bit files).
+            images: (B, 3, H, W) floats in [0, 1] or uint8; other sizes are resized to ``image_size``, then float
+                images are rounded to uint8 for the graph (exact for images read from 8-bit files).
 
         Returns:
             ``AnomalyScores`` on the CPU: (B,) image scores, (B, image_size, image_size) maps.
         """
-        pixels = float_to_uint8(self.preprocess(images))
+        batch = self.preprocess(images)
+        pixels = (np.ascontiguousarray(batch.cpu().permute(0, 2, 3, 1).numpy()) if batch.dtype == torch.uint8
+                  else float_to_uint8(batch))
         size = self.image_size
         if pixels.shape[0] == 0:
             return AnomalyScores(torch.empty(0), torch.empty(0, size, size))
