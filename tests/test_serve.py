@@ -405,3 +405,25 @@ def test_serves_an_exported_file_with_the_torch_models_scores(detector, tmp_path
     np.testing.assert_allclose([r["score"] for r in body["results"]], expected.image_scores.double().numpy(),
                                rtol=1e-4)
     assert info["threshold"] == pytest.approx(detector.threshold_)
+
+
+def test_an_exported_graph_s_uploads_are_read_as_predict_reads_its_files(detector, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from omniad import predict
+    from omniad.serve.service import prepare_upload
+
+    detector.export(tmp_path / "m.onnx", format="onnx")
+    exported = load_model(tmp_path / "m.onnx")
+    side = int(exported.image_size) * 3 // 2  # larger than the model: resized, in uint8 for the graph
+    pixels = np.random.default_rng(3).integers(0, 256, (side, side + 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    upload_image = prepare_upload(exported, (tmp_path / "big.png").read_bytes(), "big.png")
+    assert upload_image.dtype == torch.uint8
+    assert torch.equal(upload_image, read_image(tmp_path / "big.png", exported.image_size, dtype=torch.uint8))
+    with TestClient(create_app(exported, max_upload_bytes=2**22, max_batch=4)) as onnx_client:
+        body = onnx_client.post("/predict?overlay=true", files=[upload("big.png", (tmp_path / "big.png")
+                                                                      .read_bytes())]).json()
+    assert body["results"][0]["score"] == pytest.approx(predict(exported, [tmp_path / "big.png"]).scores[0],
+                                                        rel=1e-6)
+    assert Image.open(io.BytesIO(base64.b64decode(body["results"][0]["overlay_png"]))).size == (
+        exported.image_size, exported.image_size)

@@ -216,7 +216,7 @@ def read_image_hw(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None, size: Size | None = None,
-                 draft: bool = True) -> Tensor:
+                 draft: bool = True, dtype: torch.dtype = torch.float32) -> Tensor:
     """``read_image`` of a file's content already in memory (an upload): the same decoding, checks and scaling.
 
     Args:
@@ -227,13 +227,14 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int | None =
             or not.
         size: resize to this (as ``read_image``); None keeps the file's size.
         draft: with a ``size``, decode a large JPEG at a reduced scale first (``read_image``'s ``draft``).
+        dtype: ``torch.float32`` or ``torch.uint8`` (``read_image``'s ``dtype``).
 
     Raises:
         ImageTooLargeError: over ``max_pixels`` or Pillow's limit (an ``ImageReadError``).
         ImageReadError: empty, not an image, truncated or corrupt, or of an unsupported mode.
     """
     image, target = _decode(bytes(data), name, max_pixels, size, draft)
-    return _as_tensor(image, name, target, torch.float32)
+    return _as_tensor(image, name, target, dtype)
 
 
 def _as_tensor(image: Image.Image, name: str | Path, size: Size | None, dtype: torch.dtype) -> Tensor:

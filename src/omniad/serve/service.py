@@ -120,7 +120,10 @@ def prepare_upload(detector: Any, data: bytes, filename: str, max_pixels: int | 
     """
     try:
         # the served models take a square side (BatchScorer): read at it, as predict reads files
-        image = decode_image(data, filename, max_pixels=max_pixels, size=int(detector.image_size), draft=draft)
+        # an exported graph's uploads in uint8, its input type, as predict reads its files
+        dtype = torch.uint8 if getattr(detector, "reads_uint8", False) else torch.float32
+        image = decode_image(data, filename, max_pixels=max_pixels, size=int(detector.image_size), draft=draft,
+                             dtype=dtype)
     except ImageTooLargeError as err:
         raise ServeError(413, str(err), filename) from None
     except ImageReadError as err:
@@ -134,6 +137,7 @@ def prepare_upload(detector: Any, data: bytes, filename: str, max_pixels: int | 
 def overlay_png(image: Tensor, amap: Tensor, vmin: float, vmax: float) -> str:
     """The heat-map overlay of one image (``omniad.report.overlay_heatmap``) as base64-encoded PNG."""
     buffer = io.BytesIO()
+    image = image.float() / 255.0 if image.dtype == torch.uint8 else image
     overlay_heatmap(image, amap, vmin=vmin, vmax=vmax).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
