@@ -96,3 +96,37 @@ def test_an_exported_file_refuses_another_runtime(bundle, tmp_path):
         load_model(file, runtime="openvino")
     with pytest.raises(ValueError, match="unknown runtime"):
         load_fast(bundle, "tensorrt")
+
+
+def test_a_precision_runs_the_cached_graph_on_openvino_alone(bundle, images, tmp_path, capsys):
+    from omniad.cli import PRECISIONS as CLI_PRECISIONS
+    from omniad.cli import main
+    from omniad.export import PRECISIONS
+
+    assert CLI_PRECISIONS == PRECISIONS
+    f32 = load_fast(bundle, "openvino")
+    model = load_fast(bundle, "auto", precision="bf16")  # auto: OpenVINO, the one runtime that takes the hint
+    assert isinstance(model, ExportedDetector) and model.format == "openvino" and model.path == f32.path
+    # the hint as compiled: bfloat16, or f32 on a CPU without bf16 (OpenVINO then keeps f32)
+    assert model.runtime.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() in ("bf16", "f32")
+    assert model.runtime_note.startswith("openvino bf16") and "scores move" in model.runtime_note
+    assert f32.runtime.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    # in bf16 (where the CPU has it) the scores stay close to the f32 graph's
+    np.testing.assert_allclose(model.score(images).image_scores, f32.score(images).image_scores, rtol=0.1)
+    assert load_model(f32.path, precision="bf16").runtime_note.startswith("openvino bf16")
+    for runtime in ("onnxruntime", "torch"):
+        with pytest.raises(ValueError, match=f"precision 'bf16' is OpenVINO's inference hint: runtime '{runtime}'"):
+            load_fast(bundle, runtime, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of f32, bf16, f16"):
+        load_fast(bundle, "openvino", precision="int4")
+    with pytest.raises(ValueError, match="is an ONNX file"):
+        load_model(load_fast(bundle, "onnxruntime").path, precision="bf16")
+    with pytest.raises(ValueError, match="give runtime 'openvino' or 'auto'"):
+        load_model(bundle, precision="bf16")
+    files = [tmp_path / "x.png"]
+    from PIL import Image
+
+    Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(files[0])
+    assert main(["predict", "--model", str(bundle), str(files[0]), "--out", str(tmp_path / "out"),
+                 "--precision", "bf16", "--no-overlays"]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["runtime"].startswith("openvino bf16")

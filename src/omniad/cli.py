@@ -36,6 +36,12 @@ RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 RUNTIME_HELP = ("what scores a model folder: auto (default: the first of OpenVINO, onnxruntime that is installed and "
                 "whose exported graph reproduces the torch scores; the graph is built once and cached in "
                 "<model>.fast/), openvino, onnxruntime, or torch; the output states the choice")
+# omniad.export.PRECISIONS, spelt out for the same reason
+PRECISIONS = ("f32", "bf16", "f16")
+PRECISION_HELP = ("OpenVINO's inference precision for the exported graph: f32 (default: the scores checked against "
+                  "the torch model), or bf16 / f16, faster where the CPU has them, with scores moved (measured: up "
+                  "to 1.6-3.6%% of the largest score in bf16, benchmarks/results/speed-fastpath.md); runs on "
+                  "OpenVINO only")
 DRAFT_HELP = ("decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 scale "
               "(libjpeg's DCT scaling) before the usual resize (default: on, in training and prediction alike); "
               "--no-draft: full decoding, bit-identical pre-processing")
@@ -297,7 +303,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from omniad.fastpath import load_model
     from omniad.prediction import predict
 
-    detector = load_model(args.model, device=args.device, runtime=args.runtime)
+    detector = load_model(args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     result = predict(detector, args.inputs, args.out, overlays=args.overlays, threshold=args.threshold,
                      draft=args.draft)
     print(result.summary())
@@ -339,7 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from omniad.serve import create_app, load_model, require_serve_dependencies, run
 
     require_serve_dependencies()  # before the model loads: say what is missing at once
-    detector = load_model(args.model, device=args.device, runtime=args.runtime)
+    detector = load_model(args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     print(f"model {args.model} ({detector.name}): {_calibration_line(detector)}", file=sys.stderr)
     print(f"runtime: {getattr(detector, 'runtime_note', 'torch')}", file=sys.stderr)
     max_pixels = None if args.max_megapixels is None else int(args.max_megapixels * 1e6)
@@ -431,6 +437,7 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
                         "folder>.png, e.g. overlays/sub/x.jpg.png (default: on)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default="f32", help=PRECISION_HELP)
     p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True, help=DRAFT_HELP)
 
     p = sub.add_parser("export", help="write a model's whole scoring path to one ONNX or OpenVINO file")
@@ -459,6 +466,7 @@ def build_parser(command: str | None = None, method: str | None = None) -> tuple
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default="f32", help=PRECISION_HELP)
     p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True, help=DRAFT_HELP)
     p.add_argument("--max-upload-mb", type=float, default=32.0,
                    help="largest request body in MiB; bigger uploads get 413 (default 32)")

@@ -12,6 +12,10 @@ Runtimes: "openvino" (``omniad[openvino]``), "onnxruntime" (``omniad[export]``),
 installed and whose parity check passes (OpenVINO first: the fastest in ``benchmarks/results/speed.md``), and
 torch when none does, e.g. for a method the exporter cannot trace; what it chose and why is in the model's
 ``runtime_note``. On a GPU device "auto" keeps torch: the exported CPU runtimes would be the slower choice there.
+
+Precision: "f32" (default: the parity checked) or OpenVINO's "bf16" / "f16" inference hint, an explicit choice
+that runs the same cached graph (checked in f32 when built) on OpenVINO alone; its scores move (measured in
+``benchmarks/results/speed-fastpath.md``, bf16: up to 1.6-3.6% of the largest score, image AUROC -0.12 to +0.80).
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def installed(runtime: str) -> bool:
     return runtime == "torch" or importlib.util.find_spec(runtime) is not None
 
 
-def load_model(path: str | os.PathLike, device: str | None = None, runtime: str | None = None) -> Any:
+def load_model(path: str | os.PathLike, device: str | None = None, runtime: str | None = None,
+               precision: str = "f32") -> Any:
     """Any model omniad writes (``omniad.export.load_model``), on a chosen runtime.
 
     Args:
@@ -83,30 +88,48 @@ def load_model(path: str | os.PathLike, device: str | None = None, runtime: str 
         device: override the saved device choice.
         runtime: for a bundle, "auto", "openvino", "onnxruntime" or "torch" (``load_fast``); None (default): the
             torch detector. An exported file runs only on its own runtime (or "auto").
+        precision: "f32" (default), or "bf16" / "f16" on OpenVINO (see the module docstring).
 
     Raises:
-        BundleError: not a model, naming the path. ValueError: a runtime an exported file cannot run on.
+        BundleError: not a model, naming the path. ValueError: a runtime an exported file cannot run on, or a
+        precision its runtime does not take.
     """
     target = Path(path)
+    _check_precision(precision)
     if target.suffix.lower() in (".onnx", ".xml") and not target.is_dir():
         own = "onnxruntime" if target.suffix.lower() == ".onnx" else "openvino"
         if runtime not in (None, "auto", own):
             raise ValueError(f"{target} is an exported {own} file: it runs on {own}, not {runtime!r} (give the "
                              "model folder it was exported from to choose another runtime)")
+        if precision != "f32":
+            if own != "openvino":
+                raise ValueError(f"precision {precision!r} is OpenVINO's: {target} is an ONNX file (f32 only)")
+            return ExportedDetector.load(target, device=device, precision=precision)
     elif runtime is not None:
-        return load_fast(target, runtime, device=device)
+        return load_fast(target, runtime, device=device, precision=precision)
+    elif precision != "f32":
+        raise ValueError(f"precision {precision!r} is OpenVINO's: give runtime 'openvino' or 'auto'")
     return load_file(target, device=device)
 
 
-def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | None = None) -> Any:
+def _check_precision(precision: str) -> None:
+    from omniad.export import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | None = None,
+              precision: str = "f32") -> Any:
     """A bundle's model on ``runtime``: an ``ExportedDetector`` for "openvino" / "onnxruntime" (built, checked and
     cached on first use), the torch detector for "torch"; "auto" picks (see the module docstring).
 
     The model's ``runtime_note`` says which runtime scores and why (and, for an exported graph, whether it was
-    built now or found in the cache).
+    built now or found in the cache). ``precision`` other than "f32" runs the graph on OpenVINO alone: "auto"
+    then means OpenVINO, and no fallback to another runtime, which would ignore the precision asked for.
 
     Raises:
-        ValueError: an unknown runtime.
+        ValueError: an unknown runtime or precision, or a precision the runtime does not take.
         BundleError: ``bundle`` is not a model folder.
         ExportError: an explicit exported runtime was asked for but the method cannot be exported or its graph
             does not reproduce the torch scores (``auto`` falls back to torch instead).
@@ -116,6 +139,12 @@ def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | No
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    _check_precision(precision)
+    if precision != "f32":
+        if runtime not in ("auto", "openvino"):
+            raise ValueError(f"precision {precision!r} is OpenVINO's inference hint: runtime {runtime!r} runs f32 "
+                             "only (use runtime 'openvino' or 'auto')")
+        runtime = "openvino"  # explicit from here: a failure is an error, not a fallback that drops the precision
     detector = load_detector(bundle, device=device)
     if runtime == "torch":
         return _torch(detector, "torch, as asked")
@@ -128,7 +157,7 @@ def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | No
         return _torch(detector, "torch (auto: the graph is not exported: " + "; ".join(blockers) + ")")
     if runtime != "auto":
         require(runtime, f"runtime {runtime!r}")  # MissingExtraError naming the extra when it is not installed
-        return _exported(detector, Path(bundle), runtime)
+        return _exported(detector, Path(bundle), runtime, precision)
     passed_over = []
     for candidate in AUTO_ORDER:
         if not installed(candidate):
@@ -149,16 +178,19 @@ def _torch(detector: Any, note: str) -> Any:
     return detector
 
 
-def _exported(detector: Any, bundle: Path, runtime: str) -> ExportedDetector:
-    """The cached graph of ``bundle`` for ``runtime``, built (exported and parity-checked) when the cache holds
-    none that matches; a folder that cannot be written gets a graph built in a temporary folder instead."""
+def _exported(detector: Any, bundle: Path, runtime: str, precision: str = "f32") -> ExportedDetector:
+    """The cached graph of ``bundle`` for ``runtime``, built (exported and parity-checked in f32) when the cache
+    holds none that matches, run at ``precision``; a folder that cannot be written gets a graph built in a
+    temporary folder instead."""
+    moved = "" if precision == "f32" else f"; run in {precision}: its scores move, see omniad.fastpath"
     key = cache_key(bundle, runtime)
     folder = cache_folder(bundle)
     file = folder / f"{runtime}{SUFFIXES[_FORMAT[runtime]]}"
     key_file = folder / f"{runtime}.key.json"
     if file.is_file() and _read_key(key_file) == key:
-        model = ExportedDetector.load(file)
-        model.runtime_note = f"{runtime} f32 (cached graph {file}, parity checked when it was built)"
+        model = ExportedDetector.load(file, precision=precision)
+        model.runtime_note = (f"{runtime} {precision} (cached graph {file}, parity checked in f32 when it was "
+                              f"built{moved})")
         return model
     started = time.perf_counter()
     try:
@@ -170,9 +202,9 @@ def _exported(detector: Any, bundle: Path, runtime: str) -> ExportedDetector:
     export_detector(detector, where, format=_FORMAT[runtime], verify=True)
     if where == file:
         _write_key(key_file, key)  # last: a key names a complete, checked graph
-    model = ExportedDetector.load(where)
-    model.runtime_note = (f"{runtime} f32 (graph built and checked against the torch model in "
-                          f"{time.perf_counter() - started:.1f} s, cached at {where})")
+    model = ExportedDetector.load(where, precision=precision)
+    model.runtime_note = (f"{runtime} {precision} (graph built and checked against the torch model in f32 in "
+                          f"{time.perf_counter() - started:.1f} s, cached at {where}{moved})")
     return model
 
 

@@ -32,7 +32,8 @@ from omniad.report import overlay_heatmap, overlay_scale
 _SCORE_TAIL = ("sigma", "image_pooling", "top_fraction", "pool_kernel")
 
 
-def load_model(path: str | os.PathLike, device: str | None = None, runtime: str | None = None) -> Any:
+def load_model(path: str | os.PathLike, device: str | None = None, runtime: str | None = None,
+               precision: str = "f32") -> Any:
     """The model the service runs: the one place the service loads a model (the CLI and the benchmark call it).
 
     Args:
@@ -41,10 +42,11 @@ def load_model(path: str | os.PathLike, device: str | None = None, runtime: str 
         device: override the saved device choice ("cpu", "cuda", ...).
         runtime: for a model folder, what scores it ("auto", "openvino", "onnxruntime", "torch"; see
             ``omniad.fastpath``); None: the torch detector. ``omniad serve`` passes "auto" by default.
+        precision: "f32" (default), or OpenVINO's "bf16" / "f16" (``omniad.fastpath``).
     """
     from omniad.fastpath import load_model as load_any_model
 
-    return load_any_model(path, device=device, runtime=runtime)
+    return load_any_model(path, device=device, runtime=runtime, precision=precision)
 
 
 class ServeError(ValueError):
