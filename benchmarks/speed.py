@@ -101,7 +101,7 @@ def child_predict(model: str, precision: str, files_list: str) -> None:
     started = time.perf_counter()
     for file in files:
         read_image(file, getattr(detector, "read_size", detector.image_size),  # as predict reads
-                   dtype=torch.uint8 if getattr(detector, "reads_uint8", False) else torch.float32)
+                   dtype=getattr(detector, "read_dtype", torch.float32))
     read_seconds = time.perf_counter() - started
     print(json.dumps({"images_per_second": len(files) / seconds, "memory": peak_rss_mib(),
                       "load_seconds": load_seconds, "read_ms": 1000 * read_seconds / len(files),

@@ -63,6 +63,12 @@ _TRACE_BATCH, _PROBE_BATCH = 2, 3  # probes with another batch size than the tra
 PRECISIONS = ("f32", "bf16", "f16")
 
 
+def check_precision(precision: str) -> None:
+    """Refuse an OpenVINO inference precision that is not one of ``PRECISIONS``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 class ExportError(RuntimeError):
     """A detector cannot be exported; the message names what blocks it."""
 
@@ -330,7 +336,8 @@ def uint8_to_float(images: np.ndarray) -> Tensor:
 
 
 def float_to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8 (exact for images read from 8-bit files)."""
+    """(B, 3, H, W) floats in [0, 1] (or uint8, kept) -> (B, H, W, 3) uint8 (exact for images read from 8-bit
+    files)."""
     from omniad.data.images import to_uint8
 
     return np.ascontiguousarray(to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy())
@@ -420,8 +427,8 @@ class ExportedDetector:
     # reader threads ``omniad.predict`` uses by default: unlike torch's, the runtimes' thread pools tolerate them
     # (measured, kolektor's 150 files, 2 cores: PaDiM 56 -> 63 and PatchCore 51-57 -> 67-72 images/s with 2)
     default_readers = 2
-    # ``omniad.predict`` reads files for it as uint8 (``read_image``), the graph's own input type
-    reads_uint8 = True
+    # what ``omniad.predict`` and the service read files as for it (``read_image``): the graph's own input type
+    read_dtype = torch.uint8
 
     def __init__(self, path: Path, runtime: Any, metadata: dict[str, Any], calibration: Calibration | None,
                  precision: str = "f32") -> None:
@@ -466,8 +473,7 @@ class ExportedDetector:
         if suffix == ".onnx":
             runtime: Any = _OnnxRuntime(file, device)
         elif suffix == ".xml":
-            if precision not in PRECISIONS:
-                raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            check_precision(precision)
             weights = file.with_suffix(".bin")
             if not weights.is_file():
                 raise ExportedModelError(f"{file} is incomplete: its weights {weights.name} are missing")
@@ -486,12 +492,7 @@ class ExportedDetector:
         torch detector)."""
         from omniad.data.images import check_image_batch, resize_image
 
-        if isinstance(images, Tensor) and images.dtype == torch.uint8:
-            batch = images.unsqueeze(0) if images.dim() == 3 else images
-            if batch.dim() != 4 or batch.shape[1] != 3:
-                raise ValueError(f"score expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
-            return resize_image(batch, self.image_size)
-        return resize_image(check_image_batch(images), self.image_size)
+        return resize_image(check_image_batch(images, allow_uint8=True), self.image_size)
 
     def score(self, images: Tensor) -> AnomalyScores:
         """Score a batch of images.
@@ -503,9 +504,7 @@ class ExportedDetector:
         Returns:
             ``AnomalyScores`` on the CPU: (B,) image scores, (B, image_size, image_size) maps.
         """
-        batch = self.preprocess(images)
-        pixels = (np.ascontiguousarray(batch.cpu().permute(0, 2, 3, 1).numpy()) if batch.dtype == torch.uint8
-                  else float_to_uint8(batch))
+        pixels = float_to_uint8(self.preprocess(images))
         size = self.image_size
         if pixels.shape[0] == 0:
             return AnomalyScores(torch.empty(0), torch.empty(0, size, size))

@@ -34,6 +34,7 @@ from omniad.export import (
     ExportedDetector,
     ExportError,
     _input_blockers,
+    check_precision,
     export_detector,
     require,
 )
@@ -95,7 +96,7 @@ def load_model(path: str | os.PathLike, device: str | None = None, runtime: str 
         precision its runtime does not take.
     """
     target = Path(path)
-    _check_precision(precision)
+    check_precision(precision)
     if target.suffix.lower() in (".onnx", ".xml") and not target.is_dir():
         own = "onnxruntime" if target.suffix.lower() == ".onnx" else "openvino"
         if runtime not in (None, "auto", own):
@@ -111,12 +112,6 @@ def load_model(path: str | os.PathLike, device: str | None = None, runtime: str 
         raise ValueError(f"precision {precision!r} is OpenVINO's: give runtime 'openvino' or 'auto'")
     return load_file(target, device=device)
 
-
-def _check_precision(precision: str) -> None:
-    from omniad.export import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | None = None,
@@ -139,7 +134,7 @@ def load_fast(bundle: str | os.PathLike, runtime: str = "auto", device: str | No
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    _check_precision(precision)
+    check_precision(precision)
     if precision != "f32":
         if runtime not in ("auto", "openvino"):
             raise ValueError(f"precision {precision!r} is OpenVINO's inference hint: runtime {runtime!r} runs f32 "

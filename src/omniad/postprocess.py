@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -104,9 +105,6 @@ def to_scores(
     return image_score(maps, pooling, fraction=top_fraction, kernel=pool_kernel), maps
 
 
-_OPERATORS: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
 def map_operators(raw: tuple[int, int], size: tuple[int, int], sigma: float,
                   crop: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """The score tail's map steps (``upsample`` to ``size``, ``crop``, ``gaussian_blur``) as two matrices: each
@@ -116,14 +114,16 @@ def map_operators(raw: tuple[int, int], size: tuple[int, int], sigma: float,
 
     Returns (H', h) and (W', w) float32 matrices for (h, w) = ``raw`` maps, (H', W') = the cropped size; cached
     per shape, and built outside any export trace so that a traced graph holds them as constants."""
-    key = (tuple(int(v) for v in raw), tuple(int(v) for v in size), float(sigma),
-           None if crop is None else tuple(int(v) for v in crop))
-    if key not in _OPERATORS:
-        with torch.no_grad():
-            _OPERATORS[key] = tuple(
-                torch.from_numpy(_axis_operator(n, out, keep, sigma).numpy())
-                for n, out, keep in zip(key[0], key[1], key[3] or key[1], strict=True))
-    return _OPERATORS[key]
+    return _map_operators(tuple(int(v) for v in raw), tuple(int(v) for v in size), float(sigma),
+                          None if crop is None else tuple(int(v) for v in crop))
+
+
+@functools.lru_cache(maxsize=64)  # a handful of shapes per process; bounded for models read at many crops
+def _map_operators(raw: tuple[int, int], size: tuple[int, int], sigma: float,
+                   crop: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        return tuple(torch.from_numpy(_axis_operator(n, out, keep, sigma).numpy())
+                     for n, out, keep in zip(raw, size, crop or size, strict=True))
 
 
 def _axis_operator(n: int, out: int, keep: int, sigma: float) -> Tensor:

@@ -402,7 +402,7 @@ def predict(
             batch_size = max(1, len(mine))
         chunks = _chunks(mine, batch_size, show and is_main())
         # an exported graph takes uint8: its files are read so, a third less work than floats (``read_image``)
-        dtype = torch.uint8 if getattr(detector, "reads_uint8", False) else torch.float32
+        dtype = getattr(detector, "read_dtype", torch.float32)
         for number, loaded in enumerate(_loaded_chunks(chunks, size, readers, draft, dtype)):
             good, images = [], []
             for item, image, issue in loaded:
@@ -425,7 +425,7 @@ def predict(
                 if spill is not None:
                     np.savez(
                         spill / f"{number:08d}-{part:04d}.npz",
-                        images=(batch if batch.dtype == torch.uint8 else to_uint8(batch)).numpy(),
+                        images=to_uint8(batch).numpy(),
                         maps=result.anomaly_maps.detach().float().cpu().numpy(),
                         overlays=np.array([i.overlay for i in run]),
                     )

@@ -263,7 +263,10 @@ def _to_byte_array(image: Image.Image) -> np.ndarray | None:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """Images of floats in [0, 1] -> uint8 0-255, rounded (exact for images read from 8-bit files)."""
+    """Images of floats in [0, 1] -> uint8 0-255, rounded (exact for images read from 8-bit files); uint8 images
+    are returned as they are."""
+    if images.dtype == torch.uint8:
+        return images
     return (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
@@ -340,14 +343,17 @@ def letterbox(images: Tensor, height: int, width: int) -> tuple[Tensor, tuple[in
     return pad_to(resize_image(images, content), height, width), content
 
 
-def check_image_batch(images: Any) -> Tensor:
-    """A batch for ``score``: a (B, 3, H, W) (or one (3, H, W)) float tensor in [0, 1], else a clear error."""
+def check_image_batch(images: Any, allow_uint8: bool = False) -> Tensor:
+    """A batch for ``score``: a (B, 3, H, W) (or one (3, H, W)) float tensor in [0, 1] (or, with
+    ``allow_uint8``, uint8 0-255: an exported graph's input type), else a clear error."""
     if not isinstance(images, Tensor):
         raise TypeError(f"score expects a (B, 3, H, W) float tensor, got {type(images).__name__}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"score expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if allow_uint8 and images.dtype == torch.uint8:
+        return images
     if not images.is_floating_point():
         raise TypeError(f"score expects float images in [0, 1], got dtype {images.dtype}")
     if images.numel():

@@ -123,7 +123,7 @@ def prepare_upload(detector: Any, data: bytes, filename: str, max_pixels: int | 
     try:
         # the served models take a square side (BatchScorer): read at it, as predict reads files
         # an exported graph's uploads in uint8, its input type, as predict reads its files
-        dtype = torch.uint8 if getattr(detector, "reads_uint8", False) else torch.float32
+        dtype = getattr(detector, "read_dtype", torch.float32)
         image = decode_image(data, filename, max_pixels=max_pixels, size=int(detector.image_size), draft=draft,
                              dtype=dtype)
     except ImageTooLargeError as err:
